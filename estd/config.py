@@ -1,0 +1,413 @@
+"""est.ini plus command-line options in, one frozen :class:`Config` out.
+
+Every problem becomes a :class:`ConfigError` naming the key, the file it
+came from and what is wrong, so that ``twistd`` stops before it listens.
+A :class:`Config` is an immutable snapshot: a reload builds a new one and
+swaps it in whole.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from estd.ca import (
+    CAPrivateKey,
+    CertificateAuthority,
+    check_ca_certificate,
+    load_certificates,
+    load_private_key,
+    public_keys_match,
+)
+from estd.errors import ConfigError
+from estd.policy import EnrollSubject
+from estd.wire import ResponseProfile, certs_only, encode_base64
+
+SECTION = "est"
+COMMAND_LINE = "the command line"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One est.ini key, which is also a twistd option of the same name."""
+
+    name: str
+    help: str
+    default: str | None = None
+    required: bool = False
+    is_path: bool = False
+
+
+KEYS: tuple[Key, ...] = (
+    Key("port", "TCP port to listen on (all interfaces)", "8443"),
+    Key(
+        "listen",
+        "Twisted server endpoint to listen on instead of port, e.g. "
+        "tcp:8443:interface=127.0.0.1 or systemd:domain=INET:index=0; "
+        "estd adds TLS itself",
+    ),
+    Key("tls-cert", "server TLS certificate, PEM, leaf first", required=True, is_path=True),
+    Key("tls-key", "server TLS private key, PEM", required=True, is_path=True),
+    Key(
+        "root-cert",
+        "factory root CA certificate(s) served by /cacerts, PEM",
+        required=True,
+        is_path=True,
+    ),
+    Key("ca-cert", "EST CA certificate that signs device certificates", required=True, is_path=True),
+    Key("ca-key", "EST CA private key (SEC1/PKCS#1/PKCS#8 PEM)", required=True, is_path=True),
+    Key(
+        "ca-key-passphrase-file",
+        "file holding the passphrase of an encrypted ca-key",
+        is_path=True,
+    ),
+    Key(
+        "client-cas",
+        "extra trust anchors for client certificates (device CAs), PEM",
+        is_path=True,
+    ),
+    Key("cert-duration", "validity of issued certificates: 26280h, 90m, 1095d", "26280h"),
+    Key("response-profile", "enrollment response: fioconfig (201) or rfc7030 (200)", "fioconfig"),
+    Key(
+        "enroll-subject",
+        "simpleenroll CSR subject: match (the client certificate's) or any",
+        "match",
+    ),
+    Key("base64-line-length", "base64 line length of responses; 0 = one line", "64"),
+    Key("threads", "size of the signing thread pool", "4"),
+)
+KEYS_BY_NAME = {key.name: key for key in KEYS}
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """The settings of one CA label ('' is the unlabelled path)."""
+
+    label: str
+    ca: CertificateAuthority
+    root_certificates: tuple[x509.Certificate, ...]
+    client_cas: tuple[x509.Certificate, ...]
+    cert_duration: datetime.timedelta
+    response_profile: ResponseProfile
+    enroll_subject: EnrollSubject
+    base64_line_length: int
+    cacerts_body: bytes = field(repr=False)
+
+    @property
+    def trust_anchors(self) -> tuple[x509.Certificate, ...]:
+        """Certificates a client certificate may chain to for this label."""
+        return (self.ca.certificate, *self.client_cas)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, validated snapshot of the server's settings."""
+
+    source: str
+    listen: str
+    tls_certificates: tuple[x509.Certificate, ...]
+    tls_key: CAPrivateKey = field(repr=False)
+    threads: int
+    labels: Mapping[str, LabelConfig]
+
+    @property
+    def default(self) -> LabelConfig:
+        """The settings of the unlabelled path."""
+        return self.labels[""]
+
+    @property
+    def trust_anchors(self) -> tuple[x509.Certificate, ...]:
+        """The union of every label's anchors, each certificate once."""
+        seen: dict[bytes, x509.Certificate] = {}
+        for label in self.labels.values():
+            for anchor in label.trust_anchors:
+                seen.setdefault(anchor.fingerprint(_SHA256), anchor)
+        return tuple(seen.values())
+
+
+_SHA256 = hashes.SHA256()
+
+
+# --- Values ------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {
+    "ms": datetime.timedelta(milliseconds=1),
+    "s": datetime.timedelta(seconds=1),
+    "m": datetime.timedelta(minutes=1),
+    "h": datetime.timedelta(hours=1),
+    "d": datetime.timedelta(days=1),
+}
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    """A Go-style duration (``26280h``, ``1h30m``, ``90m``) or days (``1095d``)."""
+    text = text.strip()
+    pos, total = 0, datetime.timedelta()
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(
+                f"{text!r} is not a duration; use a number and a unit "
+                "(d, h, m, s), e.g. 26280h or 1095d"
+            )
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if not text or total <= datetime.timedelta():
+        raise ValueError(f"{text!r} is not a positive duration")
+    return total
+
+
+def _integer(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ValueError(f"{value} is out of range {low}..{high}")
+    return value
+
+
+def _choice(text: str, kind: type[ResponseProfile] | type[EnrollSubject]):  # type: ignore[no-untyped-def]
+    try:
+        return kind(text.strip().lower())
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise ValueError(f"{text!r} is not one of {choices}") from None
+
+
+# --- Loading -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Value:
+    text: str
+    source: str
+    base_dir: str
+
+
+class _Settings:
+    """Raw key values with where each came from, for precise error messages."""
+
+    def __init__(self, values: dict[str, _Value]) -> None:
+        self._values = values
+
+    def where(self, key: str) -> str:
+        value = self._values.get(key)
+        return value.source if value else COMMAND_LINE
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(key, self.where(key), problem)
+
+    def text(self, key: str) -> str | None:
+        value = self._values.get(key)
+        if value is not None:
+            return value.text
+        spec = KEYS_BY_NAME[key]
+        if spec.required:
+            raise ConfigError(key, self.where(key), "is required but not set")
+        return spec.default
+
+    def parse(self, key: str, parser):  # type: ignore[no-untyped-def]
+        text = self.text(key)
+        try:
+            return parser(text)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def path(self, key: str) -> str | None:
+        value = self._values.get(key)
+        if value is None:
+            self.text(key)  # raises when required
+            return None
+        return os.path.normpath(os.path.join(value.base_dir, value.text))
+
+    def read(self, key: str) -> bytes | None:
+        path = self.path(key)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise self.error(key, f"cannot read {path}: {exc.strerror}") from None
+
+    def certificates(self, key: str) -> tuple[x509.Certificate, ...]:
+        data = self.read(key)
+        if data is None:
+            return ()
+        try:
+            certificates = load_certificates(data)
+        except ValueError:
+            certificates = []
+        if not certificates:
+            raise self.error(key, f"{self.path(key)} holds no PEM certificate")
+        return tuple(certificates)
+
+    def private_key(self, key: str, passphrase: bytes | None = None) -> CAPrivateKey:
+        data = self.read(key)
+        assert data is not None  # private keys are required keys
+        path = self.path(key)
+        try:
+            return load_private_key(data, passphrase)
+        except TypeError:
+            if passphrase is None:
+                raise self.error(
+                    key, f"{path} is encrypted; set ca-key-passphrase-file"
+                ) from None
+            raise self.error(key, f"{path} is not encrypted; remove the passphrase") from None
+        except ValueError as exc:
+            if str(exc).startswith("unsupported key type"):
+                reason = str(exc)
+            elif passphrase is not None:
+                reason = "wrong passphrase, or not a private key"
+            else:
+                reason = "not a PEM private key (SEC1, PKCS#1 or PKCS#8)"
+            raise self.error(key, f"{path}: {reason}") from None
+
+
+def _gather(config_path: str | None, options: Mapping[str, str | None]) -> _Settings:
+    values: dict[str, _Value] = {}
+    if config_path is not None:
+        parser = configparser.ConfigParser(interpolation=None, default_section="\0")
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except OSError as exc:
+            raise ConfigError(None, config_path, f"cannot read: {exc.strerror}") from None
+        except configparser.Error as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(None, config_path, f"not a valid ini file: {problem}") from None
+        for section in parser.sections():
+            if section != SECTION:
+                raise ConfigError(
+                    None, config_path, f"unknown section [{section}]; expected [{SECTION}]"
+                )
+        if not parser.has_section(SECTION):
+            raise ConfigError(None, config_path, f"has no [{SECTION}] section")
+        base_dir = os.path.dirname(os.path.abspath(config_path))
+        for name, text in parser.items(SECTION):
+            if name not in KEYS_BY_NAME:
+                raise ConfigError(name, config_path, "unknown key")
+            values[name] = _Value(text, config_path, base_dir)
+    for name, text in options.items():
+        if text is None:
+            continue
+        if name not in KEYS_BY_NAME:
+            raise ConfigError(name, COMMAND_LINE, "unknown option")
+        values[name] = _Value(text, COMMAND_LINE, os.getcwd())
+    return _Settings(values)
+
+
+def load_config(
+    config_path: str | None,
+    options: Mapping[str, str | None],
+    now: datetime.datetime,
+) -> Config:
+    """Read est.ini (if any) and the command-line options into a :class:`Config`.
+
+    Command-line values win over the file.  Relative paths in the file are
+    relative to the file; on the command line, to the working directory.
+    """
+    settings = _gather(config_path, options)
+    source = config_path or COMMAND_LINE
+
+    port = settings.parse("port", lambda text: _integer(text, 1, 65535))
+    listen = settings.text("listen") or f"tcp:{port}"
+
+    tls_certificates = settings.certificates("tls-cert")
+    tls_key = settings.private_key("tls-key")
+    if not public_keys_match(tls_certificates[0].public_key(), tls_key.public_key()):
+        raise settings.error(
+            "tls-key", "does not belong to the first certificate in tls-cert"
+        )
+    _check_current("tls-cert", settings, tls_certificates[0], now)
+
+    default = _load_label("", settings, now)
+    threads = settings.parse("threads", lambda text: _integer(text, 1, 256))
+    return Config(
+        source=source,
+        listen=listen,
+        tls_certificates=tls_certificates,
+        tls_key=tls_key,
+        threads=threads,
+        labels=MappingProxyType({"": default}),
+    )
+
+
+def _check_current(
+    key: str, settings: _Settings, certificate: x509.Certificate, now: datetime.datetime
+) -> None:
+    if certificate.not_valid_after_utc <= now:
+        raise settings.error(
+            key, f"the certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}"
+        )
+    if certificate.not_valid_before_utc > now:
+        raise settings.error(
+            key,
+            f"the certificate is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+        )
+
+
+def _load_label(label: str, settings: _Settings, now: datetime.datetime) -> LabelConfig:
+    ca_certificates = settings.certificates("ca-cert")
+    ca_certificate = ca_certificates[0]
+    try:
+        check_ca_certificate(ca_certificate)
+    except ValueError as exc:
+        raise settings.error("ca-cert", str(exc)) from None
+    _check_current("ca-cert", settings, ca_certificate, now)
+
+    passphrase_data = settings.read("ca-key-passphrase-file")
+    passphrase = passphrase_data.rstrip(b"\r\n") if passphrase_data is not None else None
+    ca_key = settings.private_key("ca-key", passphrase)
+    try:
+        ca = CertificateAuthority(ca_certificate, ca_key, ca_certificates[1:])
+    except ValueError as exc:
+        raise settings.error("ca-key", f"{exc} ({settings.path('ca-cert')})") from None
+
+    roots = settings.certificates("root-cert")
+    client_cas = settings.certificates("client-cas")
+    for anchor in client_cas:
+        try:
+            check_ca_certificate(anchor)
+        except ValueError as exc:
+            subject = anchor.subject.rfc4514_string()
+            raise settings.error("client-cas", f"{subject}: {exc}") from None
+
+    line_length = settings.parse("base64-line-length", lambda t: _integer(t, 0, 4096))
+    if line_length % 4:
+        raise settings.error(
+            "base64-line-length", f"{line_length} is not a multiple of 4 (or 0)"
+        )
+
+    cacerts = _unique((*roots, ca_certificate, *ca_certificates[1:]))
+    return LabelConfig(
+        label=label,
+        ca=ca,
+        root_certificates=roots,
+        client_cas=client_cas,
+        cert_duration=settings.parse("cert-duration", parse_duration),
+        response_profile=settings.parse(
+            "response-profile", lambda t: _choice(t, ResponseProfile)
+        ),
+        enroll_subject=settings.parse("enroll-subject", lambda t: _choice(t, EnrollSubject)),
+        base64_line_length=line_length,
+        cacerts_body=encode_base64(certs_only(list(cacerts)), line_length),
+    )
+
+
+def _unique(certificates: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
+    seen: dict[bytes, x509.Certificate] = {}
+    for certificate in certificates:
+        seen.setdefault(certificate.fingerprint(_SHA256), certificate)
+    return tuple(seen.values())

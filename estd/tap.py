@@ -1,0 +1,125 @@
+"""The ``twistd est`` plugin: options and ``makeService`` (wiring only)."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from estd import __version__
+from estd.config import KEYS, Config, load_config
+from estd.errors import ConfigError
+from estd.tls import ServerTLS
+from estd.web import build_site
+
+_ = strports  # keep the strports plugins (systemd:, tcp:) importable
+
+
+def _help(key: Any) -> str:
+    default = f" [default: {key.default}]" if key.default is not None else ""
+    return key.help + default
+
+
+class Options(usage.Options):
+    """``twistd est`` options: every est.ini key, plus ``--config``."""
+
+    synopsis = "[--config est.ini] [--KEY VALUE ...]"
+    longdesc = (
+        "EST (RFC 7030) certificate enrollment server.  Settings come from the "
+        "[est] section of --config; each key can also be given as an option of "
+        "the same name, which wins over the file.  Relative paths in the file "
+        "are relative to the file."
+    )
+    optParameters: list[list[Any]] = [
+        ["config", "c", None, "est.ini to read settings from"],
+        *[[key.name, None, None, _help(key)] for key in KEYS],
+    ]
+
+    def opt_version(self) -> None:
+        """Print the estd version and exit."""
+        print(f"estd {__version__}")
+        sys.exit(0)
+
+    def key_values(self) -> dict[str, str | None]:
+        """The est.ini keys given on the command line."""
+        return {key.name: self[key.name] for key in KEYS}
+
+
+class ConfigHolder:
+    """Holds the current :class:`Config` snapshot; calling it returns it.
+
+    Everything that needs settings asks the holder per connection or per
+    request, so a reload only has to swap the snapshot.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def __call__(self) -> Config:
+        """The current snapshot."""
+        return self.config
+
+
+class ThreadPoolService(service.Service):
+    """Starts the signing thread pool with the service, stops it after."""
+
+    def __init__(self, threadpool: ThreadPool) -> None:
+        self.threadpool = threadpool
+
+    def startService(self) -> None:
+        """Start the worker threads."""
+        super().startService()
+        self.threadpool.start()
+
+    def stopService(self) -> None:
+        """Let queued work finish, then join the threads."""
+        super().stopService()
+        self.threadpool.stop()
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    """Build the EST service from options; a config error exits with status 2."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        config = load_config(
+            options["config"], options.key_values(), datetime.datetime.now(datetime.UTC)
+        )
+        endpoint = _endpoint(reactor, config)
+    except ConfigError as error:
+        sys.stderr.write(f"estd: configuration error: {error}\n")
+        raise SystemExit(2) from None
+    return build_service(config, reactor, endpoint)
+
+
+def _endpoint(reactor: Any, config: Config) -> Any:
+    try:
+        return serverFromString(reactor, config.listen)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            "listen", config.source, f"{config.listen!r} is not a server endpoint: {exc}"
+        ) from None
+
+
+def build_service(config: Config, reactor: Any, endpoint: Any) -> service.MultiService:
+    """Wire a validated configuration to an endpoint: TLS, site, thread pool."""
+    holder = ConfigHolder(config)
+    threadpool = ThreadPool(minthreads=0, maxthreads=config.threads, name="estd-signing")
+    site = build_site(holder, reactor, threadpool)
+    factory = TLSMemoryBIOFactory(ServerTLS(holder), False, site)
+    top = service.MultiService()
+    ThreadPoolService(threadpool).setServiceParent(top)
+    listener = StreamServerEndpointService(endpoint, factory)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    top.est_config = holder  # type: ignore[attr-defined]
+    return top
