@@ -71,7 +71,9 @@ def signature_hash(key: CAPrivateKey) -> hashes.HashAlgorithm | None:
 def public_keys_match(a: object, b: object) -> bool:
     """True if two public keys are the same key."""
     encode = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return a.public_bytes(*encode) == b.public_bytes(*encode)  # type: ignore[attr-defined]
+    mine: bytes = a.public_bytes(*encode)  # type: ignore[attr-defined]
+    theirs: bytes = b.public_bytes(*encode)  # type: ignore[attr-defined]
+    return mine == theirs
 
 
 def serial_hex(serial: int) -> str:
@@ -200,7 +202,9 @@ def check_ca_certificate(certificate: x509.Certificate) -> None:
             x509.BasicConstraints
         ).value
     except x509.ExtensionNotFound:
-        raise ValueError("the certificate has no BasicConstraints; it is not a CA") from None
+        raise ValueError(
+            "the certificate has no BasicConstraints; it is not a CA"
+        ) from None
     if not constraints.ca:
         raise ValueError("the certificate is not a CA (BasicConstraints CA:FALSE)")
     try:

@@ -54,7 +54,12 @@ KEYS: tuple[Key, ...] = (
         "tcp:8443:interface=127.0.0.1 or systemd:domain=INET:index=0; "
         "estd adds TLS itself",
     ),
-    Key("tls-cert", "server TLS certificate, PEM, leaf first", required=True, is_path=True),
+    Key(
+        "tls-cert",
+        "server TLS certificate, PEM, leaf first",
+        required=True,
+        is_path=True,
+    ),
     Key("tls-key", "server TLS private key, PEM", required=True, is_path=True),
     Key(
         "root-cert",
@@ -62,8 +67,18 @@ KEYS: tuple[Key, ...] = (
         required=True,
         is_path=True,
     ),
-    Key("ca-cert", "EST CA certificate that signs device certificates", required=True, is_path=True),
-    Key("ca-key", "EST CA private key (SEC1/PKCS#1/PKCS#8 PEM)", required=True, is_path=True),
+    Key(
+        "ca-cert",
+        "EST CA certificate that signs device certificates",
+        required=True,
+        is_path=True,
+    ),
+    Key(
+        "ca-key",
+        "EST CA private key (SEC1/PKCS#1/PKCS#8 PEM)",
+        required=True,
+        is_path=True,
+    ),
     Key(
         "ca-key-passphrase-file",
         "file holding the passphrase of an encrypted ca-key",
@@ -74,8 +89,14 @@ KEYS: tuple[Key, ...] = (
         "extra trust anchors for client certificates (device CAs), PEM",
         is_path=True,
     ),
-    Key("cert-duration", "validity of issued certificates: 26280h, 90m, 1095d", "26280h"),
-    Key("response-profile", "enrollment response: fioconfig (201) or rfc7030 (200)", "fioconfig"),
+    Key(
+        "cert-duration", "validity of issued certificates: 26280h, 90m, 1095d", "26280h"
+    ),
+    Key(
+        "response-profile",
+        "enrollment response: fioconfig (201) or rfc7030 (200)",
+        "fioconfig",
+    ),
     Key(
         "enroll-subject",
         "simpleenroll CSR subject: match (the client certificate's) or any",
@@ -263,7 +284,9 @@ class _Settings:
                 raise self.error(
                     key, f"{path} is encrypted; set ca-key-passphrase-file"
                 ) from None
-            raise self.error(key, f"{path} is not encrypted; remove the passphrase") from None
+            raise self.error(
+                key, f"{path} is not encrypted; remove the passphrase"
+            ) from None
         except ValueError as exc:
             if str(exc).startswith("unsupported key type"):
                 reason = str(exc)
@@ -283,14 +306,20 @@ def _gather(config_path: str | None, options: Mapping[str, str | None]) -> _Sett
             with open(config_path, encoding="utf-8") as handle:
                 parser.read_file(handle)
         except OSError as exc:
-            raise ConfigError(None, config_path, f"cannot read: {exc.strerror}") from None
+            raise ConfigError(
+                None, config_path, f"cannot read: {exc.strerror}"
+            ) from None
         except configparser.Error as exc:
             problem = str(exc).splitlines()[0]
-            raise ConfigError(None, config_path, f"not a valid ini file: {problem}") from None
+            raise ConfigError(
+                None, config_path, f"not a valid ini file: {problem}"
+            ) from None
         for section in parser.sections():
             if section != SECTION:
                 raise ConfigError(
-                    None, config_path, f"unknown section [{section}]; expected [{SECTION}]"
+                    None,
+                    config_path,
+                    f"unknown section [{section}]; expected [{SECTION}]",
                 )
         if not parser.has_section(SECTION):
             raise ConfigError(None, config_path, f"has no [{SECTION}] section")
@@ -299,12 +328,12 @@ def _gather(config_path: str | None, options: Mapping[str, str | None]) -> _Sett
             if name not in KEYS_BY_NAME:
                 raise ConfigError(name, config_path, "unknown key")
             values[name] = _Value(text, config_path, base_dir)
-    for name, text in options.items():
-        if text is None:
+    for name, option in options.items():
+        if option is None:
             continue
         if name not in KEYS_BY_NAME:
             raise ConfigError(name, COMMAND_LINE, "unknown option")
-        values[name] = _Value(text, COMMAND_LINE, os.getcwd())
+        values[name] = _Value(option, COMMAND_LINE, os.getcwd())
     return _Settings(values)
 
 
@@ -349,12 +378,14 @@ def _check_current(
 ) -> None:
     if certificate.not_valid_after_utc <= now:
         raise settings.error(
-            key, f"the certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}"
+            key,
+            f"the certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
         )
     if certificate.not_valid_before_utc > now:
         raise settings.error(
             key,
-            f"the certificate is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+            "the certificate is not valid before "
+            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
         )
 
 
@@ -368,7 +399,9 @@ def _load_label(label: str, settings: _Settings, now: datetime.datetime) -> Labe
     _check_current("ca-cert", settings, ca_certificate, now)
 
     passphrase_data = settings.read("ca-key-passphrase-file")
-    passphrase = passphrase_data.rstrip(b"\r\n") if passphrase_data is not None else None
+    passphrase = (
+        passphrase_data.rstrip(b"\r\n") if passphrase_data is not None else None
+    )
     ca_key = settings.private_key("ca-key", passphrase)
     try:
         ca = CertificateAuthority(ca_certificate, ca_key, ca_certificates[1:])
@@ -400,7 +433,9 @@ def _load_label(label: str, settings: _Settings, now: datetime.datetime) -> Labe
         response_profile=settings.parse(
             "response-profile", lambda t: _choice(t, ResponseProfile)
         ),
-        enroll_subject=settings.parse("enroll-subject", lambda t: _choice(t, EnrollSubject)),
+        enroll_subject=settings.parse(
+            "enroll-subject", lambda t: _choice(t, EnrollSubject)
+        ),
         base64_line_length=line_length,
         cacerts_body=encode_base64(certs_only(list(cacerts)), line_length),
     )

@@ -81,9 +81,13 @@ def make_pair(
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca and issuer else None), True)
+        .add_extension(
+            x509.BasicConstraints(ca=ca, path_length=0 if ca and issuer else None), True
+        )
         .add_extension(_usage(sign=not ca, cert_sign=ca), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
+        )
     )
     if issuer is not None:
         builder = builder.add_extension(
@@ -184,14 +188,18 @@ response-profile = fioconfig
 """
 
 
-def write_demo(directory: str, now: datetime.datetime, devices: int = 1, port: int = 8443) -> DemoPKI:
+def write_demo(
+    directory: str, now: datetime.datetime, devices: int = 1, port: int = 8443
+) -> DemoPKI:
     """Write the demo PKI and est.ini into ``directory`` (created if needed)."""
     pki = make_demo_pki(now, devices)
     os.makedirs(directory, exist_ok=True)
 
     def put(name: str, data: bytes, private: bool = False) -> None:
         path = os.path.join(directory, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644
+        )
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
 

@@ -49,5 +49,7 @@ def enroll(
     check_csr(csr)
     authorize(operation, client, csr, settings.enroll_subject)
     issued = settings.ca.issue(csr, now, settings.cert_duration)
-    payload = encode_base64(certs_only([issued.certificate]), settings.base64_line_length)
+    payload = encode_base64(
+        certs_only([issued.certificate]), settings.base64_line_length
+    )
     return Enrollment(issued=issued, body=payload)

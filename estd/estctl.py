@@ -15,7 +15,8 @@ from estd.demo import write_demo
 def _demo(args: argparse.Namespace) -> int:
     if os.path.exists(os.path.join(args.directory, "est.ini")) and not args.force:
         print(
-            f"estctl: {args.directory}/est.ini exists; use --force to overwrite the demo PKI",
+            f"estctl: {args.directory}/est.ini exists; "
+            "use --force to overwrite the demo PKI",
             file=sys.stderr,
         )
         return 1
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and an est.ini that uses it.",
     )
     demo.add_argument("directory", help="directory to write into (created if missing)")
-    demo.add_argument("--devices", type=int, default=1, help="device certificates to make")
+    demo.add_argument(
+        "--devices", type=int, default=1, help="device certificates to make"
+    )
     demo.add_argument("--port", type=int, default=8443, help="port for est.ini")
     demo.add_argument("--force", action="store_true", help="overwrite an existing demo")
     demo.set_defaults(run=_demo)

@@ -89,7 +89,9 @@ def check_public_key(key: object) -> None:
     """Accept EC P-256/P-384/P-521, RSA 2048-8192 and Ed25519 keys only."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in ACCEPTED_CURVES:
-            raise BadRequest(f"the CSR key uses the curve {key.curve.name}, not accepted")
+            raise BadRequest(
+                f"the CSR key uses the curve {key.curve.name}, not accepted"
+            )
         return
     if isinstance(key, rsa.RSAPublicKey):
         if not RSA_MIN_BITS <= key.key_size <= RSA_MAX_BITS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
@@ -14,7 +14,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from estd import __version__
-from estd.config import KEYS, Config, load_config
+from estd.config import KEYS, Config, Key, load_config
 from estd.errors import ConfigError
 from estd.tls import ServerTLS
 from estd.web import build_site
@@ -22,7 +22,7 @@ from estd.web import build_site
 _ = strports  # keep the strports plugins (systemd:, tcp:) importable
 
 
-def _help(key: Any) -> str:
+def _help(key: Key) -> str:
     default = f" [default: {key.default}]" if key.default is not None else ""
     return key.help + default
 
@@ -37,7 +37,7 @@ class Options(usage.Options):
         "the same name, which wins over the file.  Relative paths in the file "
         "are relative to the file."
     )
-    optParameters: list[list[Any]] = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "est.ini to read settings from"],
         *[[key.name, None, None, _help(key)] for key in KEYS],
     ]
@@ -106,14 +106,18 @@ def _endpoint(reactor: Any, config: Config) -> Any:
         return serverFromString(reactor, config.listen)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(
-            "listen", config.source, f"{config.listen!r} is not a server endpoint: {exc}"
+            "listen",
+            config.source,
+            f"{config.listen!r} is not a server endpoint: {exc}",
         ) from None
 
 
 def build_service(config: Config, reactor: Any, endpoint: Any) -> service.MultiService:
     """Wire a validated configuration to an endpoint: TLS, site, thread pool."""
     holder = ConfigHolder(config)
-    threadpool = ThreadPool(minthreads=0, maxthreads=config.threads, name="estd-signing")
+    threadpool = ThreadPool(
+        minthreads=0, maxthreads=config.threads, name="estd-signing"
+    )
     site = build_site(holder, reactor, threadpool)
     factory = TLSMemoryBIOFactory(ServerTLS(holder), False, site)
     top = service.MultiService()

@@ -49,7 +49,11 @@ class HandshakeState:
 
 
 def _verify(
-    connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int
+    connection: SSL.Connection,
+    certificate: crypto.X509,
+    errno: int,
+    depth: int,
+    ok: int,
 ) -> bool:
     state: HandshakeState = connection.estd_handshake  # type: ignore[attr-defined]
     try:

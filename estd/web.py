@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -76,7 +77,9 @@ def write_response(request: EstRequest, response: EstResponse) -> None:
         return
     request.setResponseCode(response.status)
     request.responseHeaders.setRawHeaders(b"Server", [b"estd"])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [response.content_type.encode()])
+    request.responseHeaders.setRawHeaders(
+        b"Content-Type", [response.content_type.encode()]
+    )
     request.responseHeaders.setRawHeaders(
         b"Content-Length", [str(len(response.body)).encode()]
     )
@@ -103,7 +106,9 @@ def respond(request: EstRequest, work: defer.Deferred[EstResponse]) -> int:
             return None
         log.failure("internal error serving {path}", reason, path=request.log_path)
         return EstResponse(
-            500, "text/plain; charset=utf-8", b"internal server error; see the server log\n"
+            500,
+            "text/plain; charset=utf-8",
+            b"internal server error; see the server log\n",
         )
 
     def send(response: EstResponse | None) -> None:
@@ -181,9 +186,7 @@ class EnrollResource(EstResource):
         content_type = media_type(request.getHeader(b"content-type"))
         if content_type != PKCS10:
             shown = content_type or "none"
-            raise UnsupportedMediaType(
-                f"Content-Type must be {PKCS10}, not {shown}"
-            )
+            raise UnsupportedMediaType(f"Content-Type must be {PKCS10}, not {shown}")
         assert request.content is not None
         body = request.content.read()
         now = datetime.datetime.fromtimestamp(self._reactor.seconds(), datetime.UTC)
@@ -203,7 +206,10 @@ class EnrollResource(EstResource):
         request.est_issued = enrollment
         profile = self._settings.response_profile
         return EstResponse(
-            profile.enroll_status, profile.enroll_content_type, enrollment.body, base64=True
+            profile.enroll_status,
+            profile.enroll_content_type,
+            enrollment.body,
+            base64=True,
         )
 
 
@@ -248,7 +254,9 @@ class EstDirectory(resource.Resource):
         """The resource serving operation ``name`` with ``settings``."""
         if name == "cacerts":
             return CACertsResource(settings)
-        return EnrollResource(settings, Operation(name), self._reactor, self._threadpool)
+        return EnrollResource(
+            settings, Operation(name), self._reactor, self._threadpool
+        )
 
     def render(self, request: EstRequest) -> int:  # type: ignore[override]
         """``/.well-known/est`` itself is no EST resource."""
@@ -264,14 +272,17 @@ class RootResource(resource.Resource):
 
     def getChild(self, path: bytes, request: EstRequest) -> resource.Resource:
         """Route ``.well-known/est``; everything else is 404."""
-        if path == b".well-known" and request.postpath[:1] == [b"est"]:
-            request.prepath.append(request.postpath.pop(0))
+        postpath, prepath = request.postpath or [], request.prepath or []
+        if path == b".well-known" and postpath[:1] == [b"est"]:
+            prepath.append(postpath.pop(0))
             return self._est
         return NotFoundResource("not an EST path; EST lives under /.well-known/est/")
 
     def render(self, request: EstRequest) -> int:  # type: ignore[override]
         """``/`` is not an EST resource."""
-        return respond(request, defer.fail(NotFound("EST lives under /.well-known/est/")))
+        return respond(
+            request, defer.fail(NotFound("EST lives under /.well-known/est/"))
+        )
 
 
 # --- HTTP plumbing -------------------------------------------------------------
@@ -329,9 +340,11 @@ class EstRequest(server.Request):
         self.code = 413
         self.sentLength = len(body)
         self.channel.persistent = False
-        self.channel.transport.write(raw)
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(raw)
         self.channel.site.log(self)  # type: ignore[attr-defined]
-        self.channel.transport.loseConnection()
+        transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """Process the request unless its body was already refused."""
@@ -356,7 +369,7 @@ class EstChannel(http.HTTPChannel):
         """TLS is up; from now on a disconnect is no handshake failure."""
         self._handshake_done = True
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Log a failed handshake once, with its reason and no traceback."""
         if not self._handshake_done:
             peer = self.transport.getPeer() if self.transport is not None else None
@@ -367,7 +380,9 @@ class EstChannel(http.HTTPChannel):
             )
         super().connectionLost(reason)
 
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any
+    ) -> None:
         """Hold the header block so that it leaves with the body."""
         lines = [version, b" ", code, b" ", reason, b"\r\n"]
         for name, values in headers.getAllRawHeaders():
@@ -380,6 +395,7 @@ class EstChannel(http.HTTPChannel):
         """Write ``data``, preceded by any held header block."""
         if self._held_headers:
             data, self._held_headers = self._held_headers + data, b""
+        assert self.transport is not None
         self.transport.write(data)
 
     def writeSequence(self, iovec: list[bytes]) -> None:
@@ -419,9 +435,7 @@ class EstSite(server.Site):
             "issued_serial": None,
             "issued_not_after": None,
         }
-        text = (
-            '{client_address} "{method} {path}" {status} {bytes}B {duration_ms}ms'
-        )
+        text = '{client_address} "{method} {path}" {status} {bytes}B {duration_ms}ms'
         client = request.est_client
         if client is not None:
             fields["client_subject"] = client.subject_text
@@ -430,8 +444,8 @@ class EstSite(server.Site):
         if request.est_issued is not None:
             issued = request.est_issued.issued
             fields["issued_serial"] = issued.serial_hex
-            fields["issued_not_after"] = issued.certificate.not_valid_after_utc.strftime(
-                "%Y-%m-%dT%H:%M:%SZ"
+            fields["issued_not_after"] = (
+                issued.certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
             )
             text += " issued_serial={issued_serial} not_after={issued_not_after}"
         log.info(text, **fields)

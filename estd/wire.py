@@ -109,7 +109,9 @@ def load_csr(body: bytes) -> x509.CertificateSigningRequest:
     try:
         return x509.load_der_x509_csr(der)
     except ValueError:
-        raise BadRequest("the request body is not a PKCS#10 certificate request") from None
+        raise BadRequest(
+            "the request body is not a PKCS#10 certificate request"
+        ) from None
 
 
 def encode_base64(der: bytes, line_length: int) -> bytes:
