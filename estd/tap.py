@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime
 import sys
+from collections.abc import Generator
 from typing import Any, ClassVar
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -17,9 +20,13 @@ from estd import __version__
 from estd.config import KEYS, Config, Key, load_config
 from estd.errors import ConfigError
 from estd.tls import ServerTLS
-from estd.web import build_site
+from estd.web import EstSite, build_site
 
 _ = strports  # keep the strports plugins (systemd:, tcp:) importable
+log = Logger(namespace="estd")
+
+SHUTDOWN_TIMEOUT = 30.0
+"""Seconds a stopping server waits for requests in flight to be answered."""
 
 
 def _help(key: Key) -> str:
@@ -84,6 +91,47 @@ class ThreadPoolService(service.Service):
         self.threadpool.stop()
 
 
+class DrainService(service.Service):
+    """On stop, waits (bounded) for requests in flight to be answered.
+
+    Sits between the listener and the thread pool: once the port is closed,
+    requests already accepted finish, with their certificates, before the
+    signing threads are stopped.
+    """
+
+    def __init__(self, site: EstSite, clock: Any, timeout: float) -> None:
+        self.site = site
+        self.clock = clock
+        self.timeout = timeout
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Fire when in-flight requests are done or the timeout passed."""
+        super().stopService()
+        waiting = self.site.drained()
+        if not waiting.called:
+            log.info(
+                "waiting up to {timeout}s for {count} request(s) in flight",
+                timeout=self.timeout,
+                count=self.site.in_flight,
+            )
+            waiting.addTimeout(self.timeout, self.clock)
+            waiting.addErrback(
+                lambda _: log.warn("shutdown timeout: requests in flight abandoned")
+            )
+        return waiting
+
+
+class OrderedMultiService(service.MultiService):
+    """Stops its children one after another, last started first."""
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Stop each child in reverse order, waiting for each."""
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            yield defer.maybeDeferred(child.stopService)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """Build the EST service from options; a config error exits with status 2."""
     if reactor is None:
@@ -120,8 +168,9 @@ def build_service(config: Config, reactor: Any, endpoint: Any) -> service.MultiS
     )
     site = build_site(holder, reactor, threadpool)
     factory = TLSMemoryBIOFactory(ServerTLS(holder), False, site)
-    top = service.MultiService()
+    top = OrderedMultiService()
     ThreadPoolService(threadpool).setServiceParent(top)
+    DrainService(site, reactor, SHUTDOWN_TIMEOUT).setServiceParent(top)
     listener = StreamServerEndpointService(endpoint, factory)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)

@@ -355,6 +355,9 @@ class EstRequest(server.Request):
     def process(self) -> None:
         """Note the verified client certificate before the resource runs."""
         self.est_client = client_identity(self.channel.transport)
+        site: EstSite = self.channel.site  # type: ignore[attr-defined]
+        site.request_started()
+        self.notifyFinish().addBoth(site.request_finished)
         super().process()
 
 
@@ -419,6 +422,28 @@ class EstSite(server.Site):
     def __init__(self, root: resource.Resource, clock: IReactorTime) -> None:
         super().__init__(root)
         self.clock = clock
+        self.in_flight = 0
+        self._drain_waiters: list[defer.Deferred[None]] = []
+
+    def request_started(self) -> None:
+        """Count a request being processed."""
+        self.in_flight += 1
+
+    def request_finished(self, _: object = None) -> None:
+        """Count a request done (answered, or its client gone)."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drained(self) -> defer.Deferred[None]:
+        """A Deferred that fires once no request is in flight."""
+        if self.in_flight == 0:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
 
     def log(self, request: EstRequest) -> None:  # type: ignore[override]
         """One line: who, what, outcome, size, time, client cert, issuance."""

@@ -21,7 +21,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from estd.config import Config, load_config
 from estd.demo import DemoPKI, Pair, make_demo_pki, write_demo
 
-NOW = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
+# The verify callback and makeService use the wall clock, so test PKIs are
+# made around the real time (to the minute) rather than at a fixed date that
+# would let them expire under the test suite one day.
+NOW = datetime.datetime.now(datetime.UTC).replace(second=0, microsecond=0)
 
 
 @functools.cache
