@@ -124,6 +124,26 @@ class DrainService(service.Service):
 class OrderedMultiService(service.MultiService):
     """Stops its children one after another, last started first."""
 
+    est_config: ConfigHolder | None = None
+
+    def startService(self) -> None:
+        """Start the children and say what is being served."""
+        super().startService()
+        if self.est_config is not None:
+            config = self.est_config()
+            ca = config.default.ca.certificate
+            log.info(
+                "estd {version} serving EST on {listen} (TLS); EST CA {ca_subject} "
+                "valid until {ca_not_after}; {anchors} client trust anchor(s); "
+                "response profile {profile}",
+                version=__version__,
+                listen=config.listen,
+                ca_subject=ca.subject.rfc4514_string(),
+                ca_not_after=ca.not_valid_after_utc.strftime("%Y-%m-%d"),
+                anchors=len(config.trust_anchors),
+                profile=config.default.response_profile.value,
+            )
+
     @defer.inlineCallbacks
     def stopService(self) -> Generator[defer.Deferred[Any], Any, None]:
         """Stop each child in reverse order, waiting for each."""
@@ -168,11 +188,12 @@ def build_service(config: Config, reactor: Any, endpoint: Any) -> service.MultiS
     )
     site = build_site(holder, reactor, threadpool)
     factory = TLSMemoryBIOFactory(ServerTLS(holder), False, site)
+    factory.noisy = False
     top = OrderedMultiService()
     ThreadPoolService(threadpool).setServiceParent(top)
     DrainService(site, reactor, SHUTDOWN_TIMEOUT).setServiceParent(top)
     listener = StreamServerEndpointService(endpoint, factory)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
-    top.est_config = holder  # type: ignore[attr-defined]
+    top.est_config = holder
     return top

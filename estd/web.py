@@ -418,6 +418,7 @@ class EstSite(server.Site):
     requestFactory = EstRequest
     protocol = EstChannel  # type: ignore[assignment]
     displayTracebacks = False
+    noisy = False
 
     def __init__(self, root: resource.Resource, clock: IReactorTime) -> None:
         super().__init__(root)
