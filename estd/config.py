@@ -218,12 +218,14 @@ class _Value:
 class _Settings:
     """Raw key values with where each came from, for precise error messages."""
 
-    def __init__(self, values: dict[str, _Value]) -> None:
+    def __init__(self, values: dict[str, _Value], default_source: str) -> None:
         self._values = values
+        self._default_source = default_source
 
     def where(self, key: str) -> str:
+        """The file (or the command line) a key's value came from, or would."""
         value = self._values.get(key)
-        return value.source if value else COMMAND_LINE
+        return value.source if value else self._default_source
 
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(key, self.where(key), problem)
@@ -281,9 +283,12 @@ class _Settings:
             return load_private_key(data, passphrase)
         except TypeError:
             if passphrase is None:
-                raise self.error(
-                    key, f"{path} is encrypted; set ca-key-passphrase-file"
-                ) from None
+                hint = (
+                    "set ca-key-passphrase-file"
+                    if key == "ca-key"
+                    else "estd needs it unencrypted"
+                )
+                raise self.error(key, f"{path} is encrypted; {hint}") from None
             raise self.error(
                 key, f"{path} is not encrypted; remove the passphrase"
             ) from None
@@ -334,7 +339,7 @@ def _gather(config_path: str | None, options: Mapping[str, str | None]) -> _Sett
         if name not in KEYS_BY_NAME:
             raise ConfigError(name, COMMAND_LINE, "unknown option")
         values[name] = _Value(option, COMMAND_LINE, os.getcwd())
-    return _Settings(values)
+    return _Settings(values, config_path or COMMAND_LINE)
 
 
 def load_config(

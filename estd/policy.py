@@ -105,13 +105,13 @@ def check_public_key(key: object) -> None:
     raise BadRequest(f"the CSR key type {type(key).__name__} is not accepted")
 
 
-def _subject_alt_name(
-    extensions: x509.Extensions,
-) -> x509.SubjectAlternativeName | None:
+def _subject_alt_name(extensions: x509.Extensions) -> bytes | None:
+    """The DER of a SubjectAltName value, so that string types count too."""
     try:
-        return extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
+    return san.public_bytes()
 
 
 def require_identity(

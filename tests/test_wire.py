@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
@@ -28,7 +30,7 @@ from estd.wire import (
     raw_subject_of_certificate,
     raw_subject_of_csr,
 )
-from tests.pki import demo_pki, fioconfig_csr
+from tests.pki import NOW, demo_pki, fioconfig_csr
 
 
 @functools.cache
@@ -71,7 +73,7 @@ def test_decode_one_line_base64(trailing: bytes) -> None:
 
 
 def test_decode_stray_blanks() -> None:
-    """Spaces and tabs anywhere in the base64, and blank lines around it, are ignored."""
+    """Spaces and tabs anywhere in the base64, and blank lines around, are ignored."""
     der = csr_der()
     text = base64.b64encode(der)
     body = b"\n \t" + text[:10] + b" " + text[10:50] + b"\t\t" + text[50:] + b" \r\n\n"
@@ -116,7 +118,9 @@ def test_decode_raw_der() -> None:
     assert decode_body(der) == der
 
 
-@pytest.mark.parametrize("body", [b"", b"\r\n", b" \t \n"], ids=["empty", "CRLF", "blanks"])
+@pytest.mark.parametrize(
+    "body", [b"", b"\r\n", b" \t \n"], ids=["empty", "CRLF", "blanks"]
+)
 def test_decode_empty_body(body: bytes) -> None:
     """An empty or blank body is a 400 saying the body is empty."""
     with pytest.raises(BadRequest) as caught:
@@ -135,7 +139,9 @@ def test_decode_garbage(body: bytes) -> None:
     with pytest.raises(BadRequest) as caught:
         decode_body(body)
     assert caught.value.status == 400
-    assert caught.value.reason == "the request body is not base64; expected a base64 CSR"
+    assert (
+        caught.value.reason == "the request body is not base64; expected a base64 CSR"
+    )
 
 
 def test_decode_garbage_names_what() -> None:
@@ -163,7 +169,9 @@ def test_load_csr_refuses_a_certificate() -> None:
     with pytest.raises(BadRequest) as caught:
         load_csr(body)
     assert caught.value.status == 400
-    assert caught.value.reason == "the request body is not a PKCS#10 certificate request"
+    assert (
+        caught.value.reason == "the request body is not a PKCS#10 certificate request"
+    )
 
 
 def test_load_csr_refuses_truncated_csr() -> None:
@@ -171,7 +179,9 @@ def test_load_csr_refuses_truncated_csr() -> None:
     body = base64.b64encode(csr_der()[:-10])
     with pytest.raises(BadRequest) as caught:
         load_csr(body)
-    assert caught.value.reason == "the request body is not a PKCS#10 certificate request"
+    assert (
+        caught.value.reason == "the request body is not a PKCS#10 certificate request"
+    )
 
 
 # --- encode_base64: exact in what we send ------------------------------------
@@ -193,13 +203,13 @@ def test_encode_64_short_last_line() -> None:
 
 
 def test_encode_64_real_payload() -> None:
-    """Every line of a 64-column payload is 64 characters but the last, joined by CRLF."""
-    der = bytes(range(256)) * 3
+    """Every line of a 64-column payload but the last has 64 characters, CRLF-joined."""
+    der = bytes(range(256)) * 3 + b"\x01"
     body = encode_base64(der, 64)
     assert body.endswith(b"\r\n")
     assert not body.endswith(b"\r\n\r\n")
     lines = body[:-2].split(b"\r\n")
-    assert [len(line) for line in lines] == [64] * 16 + [1024 - 16 * 64]
+    assert [len(line) for line in lines] == [64] * 16 + [4]
     assert b"".join(lines) == base64.b64encode(der)
     assert b"\n" not in body.replace(b"\r\n", b"")
 
@@ -227,13 +237,27 @@ def test_encode_decodes_back() -> None:
 # --- certs_only --------------------------------------------------------------
 
 
-def test_certs_only_holds_given_certificates_in_order() -> None:
-    """A certs-only PKCS#7 parses back to exactly the certificates given, in order."""
+def test_certs_only_holds_exactly_the_given_certificates() -> None:
+    """A certs-only PKCS#7 parses back to exactly the certificates given, each once."""
     pki = demo_pki()
     given = [pki.devices[0].certificate, pki.est_ca.certificate, pki.root.certificate]
-    assert pkcs7.load_der_pkcs7_certificates(certs_only(given)) == given
+    parsed = pkcs7.load_der_pkcs7_certificates(certs_only(given))
+    assert sorted(map(der_of, parsed)) == sorted(map(der_of, given))
+    assert len(parsed) == 3
+
+
+def test_certs_only_order_is_der_set_order() -> None:
+    """The certificates come out in DER SET OF order, whatever order they went in.
+
+    SignedData.certificates is a SET OF (RFC 5652 §5.1), so a DER encoder
+    sorts it by encoding; callers must not rely on the order they pass.
+    """
+    pki = demo_pki()
+    given = [pki.devices[0].certificate, pki.est_ca.certificate, pki.root.certificate]
+    expected = sorted(given, key=der_of)
+    assert pkcs7.load_der_pkcs7_certificates(certs_only(given)) == expected
     reverse = list(reversed(given))
-    assert pkcs7.load_der_pkcs7_certificates(certs_only(reverse)) == reverse
+    assert pkcs7.load_der_pkcs7_certificates(certs_only(reverse)) == expected
 
 
 def test_certs_only_one_certificate() -> None:
@@ -273,7 +297,9 @@ def test_rfc7030_profile() -> None:
     profile = ResponseProfile("rfc7030")
     assert profile is ResponseProfile.RFC7030
     assert profile.enroll_status == 200
-    assert profile.enroll_content_type == "application/pkcs7-mime; smime-type=certs-only"
+    assert (
+        profile.enroll_content_type == "application/pkcs7-mime; smime-type=certs-only"
+    )
 
 
 def test_media_type_constants() -> None:
@@ -324,10 +350,54 @@ def test_raw_subject_of_self_signed_root() -> None:
     assert raw_subject_of_certificate(root) == root.subject.public_bytes()
 
 
+def der_tlv(tag: int, contents: bytes) -> bytes:
+    """One DER element (definite length, short or long form)."""
+    length = len(contents)
+    if length < 0x80:
+        return bytes([tag, length]) + contents
+    size = (length.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | size]) + length.to_bytes(size, "big") + contents
+
+
+def test_raw_subject_of_v1_certificate() -> None:
+    """A v1 certificate (no version field, as some old PKIs issue) gives its subject."""
+    pki = demo_pki()
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "v1-device")])
+    v3 = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(pki.root.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(12345)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+        .sign(pki.root.key, hashes.SHA256())
+    )
+    version = bytes.fromhex("a003020102")
+    tbs = v3.tbs_certificate_bytes
+    # Skip the TBSCertificate's tag and length to reach its first field.
+    start = 2 if tbs[1] < 0x80 else 2 + (tbs[1] & 0x7F)
+    assert tbs[start : start + 5] == version
+    v1_tbs = der_tlv(0x30, tbs[start + 5 :])
+    signature = pki.root.key.sign(v1_tbs, ec.ECDSA(hashes.SHA256()))
+    algorithm = bytes.fromhex("300a06082a8648ce3d040302")
+    v1 = x509.load_der_x509_certificate(
+        der_tlv(0x30, v1_tbs + algorithm + der_tlv(0x03, b"\x00" + signature))
+    )
+    assert v1.version is x509.Version.v1
+    assert raw_subject_of_certificate(v1) == subject.public_bytes()
+    v1.verify_directly_issued_by(pki.root.certificate)
+
+
 def test_raw_subject_printable_string() -> None:
     """A PrintableString subject keeps its exact bytes (tag 0x13) in a CSR."""
     subject = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, "dev", _type=_ASN1Type.PrintableString)]
+        [
+            x509.NameAttribute(
+                NameOID.COMMON_NAME, "dev", _type=_ASN1Type.PrintableString
+            )
+        ]
     )
     csr = x509.load_der_x509_csr(fioconfig_csr(subject)[1])
     expected = bytes.fromhex("300e310c300a06035504031303646576")
