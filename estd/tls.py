@@ -92,10 +92,10 @@ def build_context(config: Config) -> SSL.Context:
         | SSL.OP_NO_TICKET
     )
     context.set_cipher_list(TLS12_CIPHERS)
-    context.use_certificate(crypto.X509.from_cryptography(config.tls_certificates[0]))
+    context.use_certificate(config.tls_certificates[0])
     for intermediate in config.tls_certificates[1:]:
-        context.add_extra_chain_cert(crypto.X509.from_cryptography(intermediate))
-    context.use_privatekey(crypto.PKey.from_cryptography_key(config.tls_key))
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(config.tls_key)
     context.check_privatekey()
     store = context.get_cert_store()
     assert store is not None

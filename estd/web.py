@@ -96,14 +96,12 @@ def write_response(request: EstRequest, response: EstResponse) -> None:
 def respond(request: EstRequest, work: defer.Deferred[EstResponse]) -> int:
     """Serve the outcome of ``work``: the one Deferred-to-HTTP boundary."""
 
-    def client_gone(reason: Failure) -> None:
-        work.cancel()
+    # The work is not cancelled when the client hangs up: signing in a thread
+    # cannot be interrupted, and what it issued must still reach the log.
 
-    def failed(reason: Failure) -> EstResponse | None:
+    def failed(reason: Failure) -> EstResponse:
         if reason.check(EstError):
             return error_response(reason.value)  # type: ignore[arg-type]
-        if reason.check(defer.CancelledError) and request._disconnected:
-            return None
         log.failure("internal error serving {path}", reason, path=request.log_path)
         return EstResponse(
             500,
@@ -111,11 +109,15 @@ def respond(request: EstRequest, work: defer.Deferred[EstResponse]) -> int:
             b"internal server error; see the server log\n",
         )
 
-    def send(response: EstResponse | None) -> None:
-        if response is not None:
-            write_response(request, response)
+    def send(response: EstResponse) -> None:
+        if request._disconnected and not request.finished:
+            # Request.finish will never run, so log the outcome here, once.
+            request.est_client_gone = True
+            request.setResponseCode(response.status)
+            request.est_site.log(request)
+            return
+        write_response(request, response)
 
-    request.notifyFinish().addErrback(client_gone)
     work.addErrback(failed).addCallback(send).addErrback(
         lambda reason: log.failure("cannot write the response", reason)
     )
@@ -293,13 +295,15 @@ class EstRequest(server.Request):
 
     est_client: ClientIdentity | None = None
     est_issued: Enrollment | None = None
+    est_client_gone = False
     _body_refused = False
     _body_seen = 0
 
     def __init__(self, channel: EstChannel, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
-        clock: IReactorTime = channel.site.clock  # type: ignore[attr-defined]
-        self.started_at = clock.seconds()
+        # Kept here: Request.channel is cleared when the connection is lost.
+        self.est_site: EstSite = channel.site  # type: ignore[attr-defined]
+        self.started_at = self.est_site.clock.seconds()
 
     @property
     def log_path(self) -> str:
@@ -327,6 +331,9 @@ class EstRequest(server.Request):
         # Answer 413 at once and close: RFC 9110 §15.5.14 allows closing,
         # and reading a body we will not use only costs memory.
         self._body_refused = True
+        # Site.log wants the request line, which Request only sets later.
+        self.method = self.channel._command
+        self.uri = self.channel._path
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" now
         error = PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
         body = error.reason.encode() + b"\n"
@@ -343,7 +350,7 @@ class EstRequest(server.Request):
         transport = self.channel.transport
         assert transport is not None
         transport.write(raw)
-        self.channel.site.log(self)  # type: ignore[attr-defined]
+        self.est_site.log(self)
         transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -355,9 +362,8 @@ class EstRequest(server.Request):
     def process(self) -> None:
         """Note the verified client certificate before the resource runs."""
         self.est_client = client_identity(self.channel.transport)
-        site: EstSite = self.channel.site  # type: ignore[attr-defined]
-        site.request_started()
-        self.notifyFinish().addBoth(site.request_finished)
+        self.est_site.request_started()
+        self.notifyFinish().addBoth(self.est_site.request_finished)
         super().process()
 
 
@@ -421,7 +427,7 @@ class EstSite(server.Site):
     noisy = False
 
     def __init__(self, root: resource.Resource, clock: IReactorTime) -> None:
-        super().__init__(root)
+        super().__init__(root, reactor=clock)
         self.clock = clock
         self.in_flight = 0
         self._drain_waiters: list[defer.Deferred[None]] = []
@@ -474,6 +480,9 @@ class EstSite(server.Site):
                 issued.certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
             )
             text += " issued_serial={issued_serial} not_after={issued_not_after}"
+        fields["client_gone"] = request.est_client_gone
+        if request.est_client_gone:
+            text += " (client gone before the response)"
         log.info(text, **fields)
 
 
