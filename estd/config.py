@@ -230,6 +230,10 @@ class _Settings:
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(key, self.where(key), problem)
 
+    def given(self, key: str) -> bool:
+        """True if the key was set in the file or on the command line."""
+        return key in self._values
+
     def text(self, key: str) -> str | None:
         value = self._values.get(key)
         if value is not None:
@@ -356,7 +360,15 @@ def load_config(
     source = config_path or COMMAND_LINE
 
     port = settings.parse("port", lambda text: _integer(text, 1, 65535))
-    listen = settings.text("listen") or f"tcp:{port}"
+    listen = settings.text("listen")
+    if listen is None or (
+        settings.where("port") == COMMAND_LINE
+        and settings.where("listen") != COMMAND_LINE
+        and settings.given("port")
+    ):
+        # `listen` wins over `port`, except that a --port on the command line
+        # beats a `listen` from the file (the command line always wins).
+        listen = f"tcp:{port}"
 
     tls_certificates = settings.certificates("tls-cert")
     tls_key = settings.private_key("tls-key")

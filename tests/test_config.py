@@ -590,3 +590,12 @@ def test_parse_duration_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_duration(text)
     assert str(caught.value) == message
+
+
+def test_command_line_port_beats_listen_from_the_file(tmp_path: Path) -> None:
+    """--port on the command line wins over a listen key in est.ini."""
+    ini = write_pki(str(tmp_path))
+    assert load_config(ini, {}, NOW).listen == "tcp:8443:interface=127.0.0.1"
+    assert load_config(ini, {"port": "9443"}, NOW).listen == "tcp:9443"
+    both = {"port": "9443", "listen": "tcp:7443"}
+    assert load_config(ini, both, NOW).listen == "tcp:7443"
