@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from estd.ca import DEVICE_KEY_USAGE
 from estd.config import Config, load_config
 from estd.demo import DemoPKI, Pair, make_demo_pki, write_demo
 
@@ -47,20 +48,7 @@ def fioconfig_csr(
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     if extensions is None:
         extensions = [
-            (
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                True,
-            ),
+            (DEVICE_KEY_USAGE, True),
             (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), True),
         ]
     for extension, critical in extensions:
