@@ -154,19 +154,23 @@ class CertificateAuthority:
         now: datetime.datetime,
         duration: datetime.timedelta,
         serial: int | None = None,
+        public_key: object | None = None,
     ) -> IssuedCertificate:
         """Sign a device certificate for the (already authorised) ``csr``.
 
         The certificate gets the CSR's subject (same bytes), its public key
         and its SubjectAltName; everything else is the CA's profile:
         KeyUsage digitalSignature, ExtKeyUsage clientAuth, CA:FALSE.
+        ``public_key`` replaces the CSR's key for /serverkeygen (RFC 7030
+        §4.4), where the server makes the key pair.
         """
+        subject_key = public_key if public_key is not None else csr.public_key()
         not_after = min(now + duration, self.not_valid_after)
         builder = (
             x509.CertificateBuilder()
             .subject_name(csr.subject)
             .issuer_name(self.certificate.subject)
-            .public_key(csr.public_key())  # type: ignore[arg-type]
+            .public_key(subject_key)  # type: ignore[arg-type]
             .serial_number(serial if serial is not None else random_serial())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
@@ -176,7 +180,7 @@ class CertificateAuthority:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
             )
             .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(csr.public_key()),  # type: ignore[arg-type]
+                x509.SubjectKeyIdentifier.from_public_key(subject_key),  # type: ignore[arg-type]
                 critical=False,
             )
             .add_extension(self._authority_key_identifier, critical=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import datetime
+import enum
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from types import MappingProxyType
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from estd.auth import UsersFile
 from estd.ca import (
     CAPrivateKey,
     CertificateAuthority,
@@ -27,8 +29,11 @@ from estd.ca import (
     load_private_key,
     public_keys_match,
 )
+from estd.csrattrs import CsrAttrs, parse_csrattrs
 from estd.errors import ConfigError
+from estd.identity import AuthMode
 from estd.policy import EnrollSubject
+from estd.serverkeygen import KEY_TYPES
 from estd.wire import ResponseProfile, certs_only, encode_base64
 
 SECTION = "est"
@@ -37,13 +42,22 @@ COMMAND_LINE = "the command line"
 
 @dataclass(frozen=True)
 class Key:
-    """One est.ini key, which is also a twistd option of the same name."""
+    """One est.ini key, which is also a twistd option of the same name.
+
+    ``per_label`` keys may also be set in ``[label NAME]`` sections; a label
+    inherits every per-label key it does not set from ``[est]``.
+    """
 
     name: str
     help: str
     default: str | None = None
     required: bool = False
     is_path: bool = False
+    per_label: bool = False
+
+
+def _label_key(name: str, help: str, default: str | None = None, **kw: bool) -> Key:
+    return Key(name, help, default, per_label=True, **kw)
 
 
 KEYS: tuple[Key, ...] = (
@@ -61,49 +75,87 @@ KEYS: tuple[Key, ...] = (
         is_path=True,
     ),
     Key("tls-key", "server TLS private key, PEM", required=True, is_path=True),
-    Key(
+    Key("threads", "size of the signing thread pool", "4"),
+    _label_key(
         "root-cert",
         "factory root CA certificate(s) served by /cacerts, PEM",
         required=True,
         is_path=True,
     ),
-    Key(
+    _label_key(
         "ca-cert",
         "EST CA certificate that signs device certificates",
         required=True,
         is_path=True,
     ),
-    Key(
+    _label_key(
         "ca-key",
         "EST CA private key (SEC1/PKCS#1/PKCS#8 PEM)",
         required=True,
         is_path=True,
     ),
-    Key(
+    _label_key(
         "ca-key-passphrase-file",
         "file holding the passphrase of an encrypted ca-key",
         is_path=True,
     ),
-    Key(
+    _label_key(
         "client-cas",
         "extra trust anchors for client certificates (device CAs), PEM",
         is_path=True,
     ),
-    Key(
+    _label_key(
         "cert-duration", "validity of issued certificates: 26280h, 90m, 1095d", "26280h"
     ),
-    Key(
+    _label_key(
         "response-profile",
         "enrollment response: fioconfig (201) or rfc7030 (200)",
         "fioconfig",
     ),
-    Key(
+    _label_key(
         "enroll-subject",
         "simpleenroll CSR subject: match (the client certificate's) or any",
         "match",
     ),
-    Key("base64-line-length", "base64 line length of responses; 0 = one line", "64"),
-    Key("threads", "size of the signing thread pool", "4"),
+    _label_key(
+        "base64-line-length", "base64 line length of responses; 0 = one line", "64"
+    ),
+    _label_key(
+        "csrattrs",
+        "what /csrattrs asks for, e.g. challengePassword, ecPublicKey:secp384r1, "
+        "ecdsa-with-SHA384, extensionRequest:macAddress",
+        "",
+    ),
+    _label_key("csrattrs-enforce", "refuse CSRs lacking what csrattrs asks for", "no"),
+    _label_key("serverkeygen", "serve /serverkeygen (the server makes the key)", "no"),
+    _label_key(
+        "serverkeygen-key-type",
+        "key type /serverkeygen makes: csr (like the CSR's), ec-p256, ec-p384, "
+        "ec-p521, rsa-2048, rsa-3072, rsa-4096, ed25519",
+        "csr",
+    ),
+    _label_key(
+        "auth",
+        "how enrollment clients authenticate: cert, basic, cert-or-basic, "
+        "cert-and-basic",
+        "cert",
+    ),
+    _label_key(
+        "users-file",
+        "htpasswd file (bcrypt or scrypt hashes) for HTTP Basic auth",
+        is_path=True,
+    ),
+    _label_key("realm", "HTTP Basic realm", "estd"),
+    _label_key(
+        "require-pop",
+        "require the TLS channel binding in the CSR's challengePassword",
+        "no",
+    ),
+    _label_key(
+        "reenroll-grace",
+        "how long after expiry a certificate may still re-enroll (0 = never)",
+        "0",
+    ),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 
@@ -121,11 +173,30 @@ class LabelConfig:
     enroll_subject: EnrollSubject
     base64_line_length: int
     cacerts_body: bytes = field(repr=False)
+    csrattrs: CsrAttrs = field(default_factory=lambda: parse_csrattrs(""))
+    csrattrs_enforce: bool = False
+    serverkeygen: bool = False
+    serverkeygen_key_type: str = "csr"
+    auth: AuthMode = AuthMode.CERT
+    users: UsersFile | None = field(default=None, repr=False)
+    realm: str = "estd"
+    require_pop: bool = False
+    reenroll_grace: datetime.timedelta = datetime.timedelta()
 
     @property
     def trust_anchors(self) -> tuple[x509.Certificate, ...]:
         """Certificates a client certificate may chain to for this label."""
         return (self.ca.certificate, *self.client_cas)
+
+    @property
+    def anchor_fingerprints(self) -> frozenset[bytes]:
+        """SHA-256 fingerprints of :attr:`trust_anchors`."""
+        return frozenset(anchor.fingerprint(_SHA256) for anchor in self.trust_anchors)
+
+    @property
+    def path(self) -> str:
+        """The URL path prefix of the label's operations."""
+        return "/.well-known/est/" + (self.label + "/" if self.label else "")
 
 
 @dataclass(frozen=True)
@@ -147,14 +218,23 @@ class Config:
     @property
     def trust_anchors(self) -> tuple[x509.Certificate, ...]:
         """The union of every label's anchors, each certificate once."""
-        seen: dict[bytes, x509.Certificate] = {}
-        for label in self.labels.values():
-            for anchor in label.trust_anchors:
-                seen.setdefault(anchor.fingerprint(_SHA256), anchor)
-        return tuple(seen.values())
+        return _unique(
+            tuple(a for label in self.labels.values() for a in label.trust_anchors)
+        )
+
+    @property
+    def max_reenroll_grace(self) -> datetime.timedelta:
+        """The longest re-enrollment grace of any label (TLS lets these in)."""
+        return max(label.reenroll_grace for label in self.labels.values())
 
 
 _SHA256 = hashes.SHA256()
+
+LABEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+OPERATION_NAMES = frozenset(
+    {"cacerts", "simpleenroll", "simplereenroll", "csrattrs", "serverkeygen", "fullcmc"}
+)
+"""RFC 7030 §3.2.2 operation path segments; none of them can be a label."""
 
 
 # --- Values ------------------------------------------------------------------
@@ -169,9 +249,11 @@ _DURATION_UNITS = {
 }
 
 
-def parse_duration(text: str) -> datetime.timedelta:
+def parse_duration(text: str, allow_zero: bool = False) -> datetime.timedelta:
     """A Go-style duration (``26280h``, ``1h30m``, ``90m``) or days (``1095d``)."""
     text = text.strip()
+    if allow_zero and text and text.strip("0") == "":
+        return datetime.timedelta()
     pos, total = 0, datetime.timedelta()
     while pos < len(text):
         match = _DURATION_PART.match(text, pos)
@@ -182,9 +264,18 @@ def parse_duration(text: str) -> datetime.timedelta:
             )
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
-    if not text or total <= datetime.timedelta():
+    if not text or (total == datetime.timedelta() and not allow_zero):
         raise ValueError(f"{text!r} is not a positive duration")
     return total
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
 
 
 def _integer(text: str, low: int, high: int) -> int:
@@ -197,7 +288,7 @@ def _integer(text: str, low: int, high: int) -> int:
     return value
 
 
-def _choice(text: str, kind: type[ResponseProfile] | type[EnrollSubject]):  # type: ignore[no-untyped-def]
+def _choice(text: str, kind: type[enum.Enum]):  # type: ignore[no-untyped-def]
     try:
         return kind(text.strip().lower())
     except ValueError:
@@ -216,26 +307,54 @@ class _Value:
 
 
 class _Settings:
-    """Raw key values with where each came from, for precise error messages."""
+    """Raw key values with where each came from, for precise error messages.
 
-    def __init__(self, values: dict[str, _Value], default_source: str) -> None:
+    A label's settings have the ``[est]`` settings as parent: a key the
+    label does not set is looked up there.
+    """
+
+    def __init__(
+        self,
+        values: dict[str, _Value],
+        default_source: str,
+        parent: _Settings | None = None,
+    ) -> None:
         self._values = values
         self._default_source = default_source
+        self._parent = parent
+
+    def _lookup(self, key: str) -> _Value | None:
+        value = self._values.get(key)
+        if value is None and self._parent is not None:
+            return self._parent._lookup(key)
+        return value
+
+    def own(self, key: str) -> bool:
+        """True if this section itself sets the key (not inherited)."""
+        return key in self._values
 
     def where(self, key: str) -> str:
         """The file (or the command line) a key's value came from, or would."""
-        value = self._values.get(key)
+        value = self._lookup(key)
         return value.source if value else self._default_source
 
     def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(key, self.where(key), problem)
+        """An error about ``key``, blamed on the section that uses its value.
+
+        A label that inherits a key from [est] is the one whose combination
+        fails (its own ca-cert with the inherited ca-key, say).
+        """
+        source = self.where(key)
+        if self._parent is not None and not self.own(key):
+            source = self._default_source
+        return ConfigError(key, source, problem)
 
     def given(self, key: str) -> bool:
         """True if the key was set in the file or on the command line."""
-        return key in self._values
+        return self._lookup(key) is not None
 
     def text(self, key: str) -> str | None:
-        value = self._values.get(key)
+        value = self._lookup(key)
         if value is not None:
             return value.text
         spec = KEYS_BY_NAME[key]
@@ -251,7 +370,7 @@ class _Settings:
             raise self.error(key, str(exc)) from None
 
     def path(self, key: str) -> str | None:
-        value = self._values.get(key)
+        value = self._lookup(key)
         if value is None:
             self.text(key)  # raises when required
             return None
@@ -306,8 +425,12 @@ class _Settings:
             raise self.error(key, f"{path}: {reason}") from None
 
 
-def _gather(config_path: str | None, options: Mapping[str, str | None]) -> _Settings:
+def _gather(
+    config_path: str | None, options: Mapping[str, str | None]
+) -> tuple[_Settings, dict[str, _Settings]]:
+    """The [est] settings (with command-line overrides) and each label's."""
     values: dict[str, _Value] = {}
+    label_values: dict[str, dict[str, _Value]] = {}
     if config_path is not None:
         parser = configparser.ConfigParser(interpolation=None, default_section="\0")
         parser.optionxform = str  # type: ignore[assignment,method-assign]
@@ -323,27 +446,67 @@ def _gather(config_path: str | None, options: Mapping[str, str | None]) -> _Sett
             raise ConfigError(
                 None, config_path, f"not a valid ini file: {problem}"
             ) from None
-        for section in parser.sections():
-            if section != SECTION:
-                raise ConfigError(
-                    None,
-                    config_path,
-                    f"unknown section [{section}]; expected [{SECTION}]",
-                )
         if not parser.has_section(SECTION):
             raise ConfigError(None, config_path, f"has no [{SECTION}] section")
         base_dir = os.path.dirname(os.path.abspath(config_path))
-        for name, text in parser.items(SECTION):
-            if name not in KEYS_BY_NAME:
-                raise ConfigError(name, config_path, "unknown key")
-            values[name] = _Value(text, config_path, base_dir)
+        for section in parser.sections():
+            label = _label_of_section(section, config_path)
+            source = config_path if label is None else f"{config_path} [{section}]"
+            if label is not None and label in label_values:
+                raise ConfigError(
+                    None, config_path, f"[{section}]: label {label} is defined twice"
+                )
+            target = values if label is None else label_values.setdefault(label, {})
+            for name, text in parser.items(section):
+                spec = KEYS_BY_NAME.get(name)
+                if spec is None:
+                    raise ConfigError(name, source, "unknown key")
+                if label is not None and not spec.per_label:
+                    raise ConfigError(
+                        name, source, f"is a server-wide key; set it in [{SECTION}]"
+                    )
+                target[name] = _Value(text, source, base_dir)
     for name, option in options.items():
         if option is None:
             continue
         if name not in KEYS_BY_NAME:
             raise ConfigError(name, COMMAND_LINE, "unknown option")
         values[name] = _Value(option, COMMAND_LINE, os.getcwd())
-    return _Settings(values, config_path or COMMAND_LINE)
+    server = _Settings(values, config_path or COMMAND_LINE)
+    labels = {
+        label: _Settings(own, f"{config_path} [label {label}]", parent=server)
+        for label, own in label_values.items()
+    }
+    return server, labels
+
+
+def _label_of_section(section: str, config_path: str) -> str | None:
+    """None for [est], the label name for [label NAME]; anything else fails."""
+    if section == SECTION:
+        return None
+    kind, _, name = section.partition(" ")
+    name = name.strip()
+    if kind != "label":
+        raise ConfigError(
+            None,
+            config_path,
+            f"unknown section [{section}]; expected [{SECTION}] or [label NAME]",
+        )
+    if not LABEL_NAME.fullmatch(name):
+        raise ConfigError(
+            None,
+            config_path,
+            f"[{section}]: a label is 1-128 characters of A-Z a-z 0-9 . _ -",
+        )
+    if name in (".", ".."):
+        raise ConfigError(
+            None, config_path, f"[{section}]: URLs cannot reach the label {name}"
+        )
+    if name in OPERATION_NAMES:
+        raise ConfigError(
+            None, config_path, f"[{section}]: {name} is an EST operation, not a label"
+        )
+    return name
 
 
 def load_config(
@@ -356,7 +519,7 @@ def load_config(
     Command-line values win over the file.  Relative paths in the file are
     relative to the file; on the command line, to the working directory.
     """
-    settings = _gather(config_path, options)
+    settings, label_settings = _gather(config_path, options)
     source = config_path or COMMAND_LINE
 
     port = settings.parse("port", lambda text: _integer(text, 1, 65535))
@@ -378,15 +541,18 @@ def load_config(
         )
     _check_current("tls-cert", settings, tls_certificates[0], now)
 
-    default = _load_label("", settings, now)
     threads = settings.parse("threads", lambda text: _integer(text, 1, 256))
+    loader = _LabelLoader(now)
+    labels = {"": loader.load("", settings)}
+    for name, own in sorted(label_settings.items()):
+        labels[name] = loader.load(name, own)
     return Config(
         source=source,
         listen=listen,
         tls_certificates=tls_certificates,
         tls_key=tls_key,
         threads=threads,
-        labels=MappingProxyType({"": default}),
+        labels=MappingProxyType(labels),
     )
 
 
@@ -406,56 +572,124 @@ def _check_current(
         )
 
 
-def _load_label(label: str, settings: _Settings, now: datetime.datetime) -> LabelConfig:
-    ca_certificates = settings.certificates("ca-cert")
-    ca_certificate = ca_certificates[0]
-    try:
-        check_ca_certificate(ca_certificate)
-    except ValueError as exc:
-        raise settings.error("ca-cert", str(exc)) from None
-    _check_current("ca-cert", settings, ca_certificate, now)
+class _LabelLoader:
+    """Builds each label's settings, loading a file shared by labels once."""
 
-    passphrase_data = settings.read("ca-key-passphrase-file")
-    passphrase = (
-        passphrase_data.rstrip(b"\r\n") if passphrase_data is not None else None
-    )
-    ca_key = settings.private_key("ca-key", passphrase)
-    try:
-        ca = CertificateAuthority(ca_certificate, ca_key, ca_certificates[1:])
-    except ValueError as exc:
-        raise settings.error("ca-key", f"{exc} ({settings.path('ca-cert')})") from None
+    def __init__(self, now: datetime.datetime) -> None:
+        self.now = now
+        self._authorities: dict[
+            tuple[str | None, str | None], CertificateAuthority
+        ] = {}
+        self._users: dict[str, UsersFile] = {}
 
-    roots = settings.certificates("root-cert")
-    client_cas = settings.certificates("client-cas")
-    for anchor in client_cas:
-        try:
-            check_ca_certificate(anchor)
-        except ValueError as exc:
-            subject = anchor.subject.rfc4514_string()
-            raise settings.error("client-cas", f"{subject}: {exc}") from None
+    def load(self, label: str, settings: _Settings) -> LabelConfig:
+        """The :class:`LabelConfig` of one label (or of [est] for '')."""
+        ca = self._authority(settings)
+        roots = settings.certificates("root-cert")
+        client_cas = settings.certificates("client-cas")
+        for anchor in client_cas:
+            try:
+                check_ca_certificate(anchor)
+            except ValueError as exc:
+                subject = anchor.subject.rfc4514_string()
+                raise settings.error("client-cas", f"{subject}: {exc}") from None
 
-    line_length = settings.parse("base64-line-length", lambda t: _integer(t, 0, 4096))
-    if line_length % 4:
-        raise settings.error(
-            "base64-line-length", f"{line_length} is not a multiple of 4 (or 0)"
+        line_length = settings.parse(
+            "base64-line-length", lambda t: _integer(t, 0, 4096)
+        )
+        if line_length % 4:
+            raise settings.error(
+                "base64-line-length", f"{line_length} is not a multiple of 4 (or 0)"
+            )
+        key_type = settings.parse("serverkeygen-key-type", _key_type)
+        auth = settings.parse("auth", lambda t: _choice(t, AuthMode))
+        users = self._users_file(settings, auth)
+        cacerts = _unique((*roots, ca.certificate, *ca.chain))
+        return LabelConfig(
+            label=label,
+            ca=ca,
+            root_certificates=roots,
+            client_cas=client_cas,
+            cert_duration=settings.parse("cert-duration", parse_duration),
+            response_profile=settings.parse(
+                "response-profile", lambda t: _choice(t, ResponseProfile)
+            ),
+            enroll_subject=settings.parse(
+                "enroll-subject", lambda t: _choice(t, EnrollSubject)
+            ),
+            base64_line_length=line_length,
+            cacerts_body=encode_base64(certs_only(list(cacerts)), line_length),
+            csrattrs=settings.parse("csrattrs", parse_csrattrs),
+            csrattrs_enforce=settings.parse("csrattrs-enforce", _boolean),
+            serverkeygen=settings.parse("serverkeygen", _boolean),
+            serverkeygen_key_type=key_type,
+            auth=auth,
+            users=users,
+            realm=settings.parse("realm", _realm),
+            require_pop=settings.parse("require-pop", _boolean),
+            reenroll_grace=settings.parse(
+                "reenroll-grace", lambda t: parse_duration(t, allow_zero=True)
+            ),
         )
 
-    cacerts = _unique((*roots, ca_certificate, *ca_certificates[1:]))
-    return LabelConfig(
-        label=label,
-        ca=ca,
-        root_certificates=roots,
-        client_cas=client_cas,
-        cert_duration=settings.parse("cert-duration", parse_duration),
-        response_profile=settings.parse(
-            "response-profile", lambda t: _choice(t, ResponseProfile)
-        ),
-        enroll_subject=settings.parse(
-            "enroll-subject", lambda t: _choice(t, EnrollSubject)
-        ),
-        base64_line_length=line_length,
-        cacerts_body=encode_base64(certs_only(list(cacerts)), line_length),
-    )
+    def _authority(self, settings: _Settings) -> CertificateAuthority:
+        # Two labels naming the same CA files share one CA object.
+        cache_key = (settings.path("ca-cert"), settings.path("ca-key"))
+        if cache_key in self._authorities:
+            return self._authorities[cache_key]
+        ca_certificates = settings.certificates("ca-cert")
+        ca_certificate = ca_certificates[0]
+        try:
+            check_ca_certificate(ca_certificate)
+        except ValueError as exc:
+            raise settings.error("ca-cert", str(exc)) from None
+        _check_current("ca-cert", settings, ca_certificate, self.now)
+        passphrase_data = settings.read("ca-key-passphrase-file")
+        passphrase = (
+            passphrase_data.rstrip(b"\r\n") if passphrase_data is not None else None
+        )
+        ca_key = settings.private_key("ca-key", passphrase)
+        try:
+            ca = CertificateAuthority(ca_certificate, ca_key, ca_certificates[1:])
+        except ValueError as exc:
+            raise settings.error(
+                "ca-key", f"{exc} ({settings.path('ca-cert')})"
+            ) from None
+        self._authorities[cache_key] = ca
+        return ca
+
+    def _users_file(self, settings: _Settings, auth: AuthMode) -> UsersFile | None:
+        path = settings.path("users-file")
+        if path is None:
+            if auth.uses_basic:
+                raise settings.error(
+                    "users-file", f"is required with auth = {auth.value}"
+                )
+            return None
+        if path not in self._users:
+            try:
+                self._users[path] = UsersFile.load(path)
+            except OSError as exc:
+                raise settings.error(
+                    "users-file", f"cannot read {path}: {exc.strerror}"
+                ) from None
+            except ValueError as exc:
+                raise settings.error("users-file", f"{path}: {exc}") from None
+        return self._users[path]
+
+
+def _key_type(text: str) -> str:
+    value = text.strip().lower()
+    if value not in KEY_TYPES:
+        raise ValueError(f"{text!r} is not one of {', '.join(KEY_TYPES)}")
+    return value
+
+
+def _realm(text: str) -> str:
+    value = text.strip()
+    if not value or '"' in value or "\\" in value or not value.isprintable():
+        raise ValueError(f"{text!r} is not a usable realm (printable, no quotes)")
+    return value
 
 
 def _unique(certificates: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:

@@ -8,14 +8,17 @@ client unknown (401) or the request refused by policy (403).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import NameOID
 
-from estd.ca import serial_hex
-from estd.errors import BadRequest, Forbidden, Unauthorized
+from estd.errors import BadRequest, Forbidden
+from estd.identity import (
+    ClientIdentity,
+    Requester,
+    client_certificate_problem,
+)
 from estd.wire import raw_subject_of_certificate, raw_subject_of_csr
 
 
@@ -35,33 +38,6 @@ class EnrollSubject(enum.Enum):
 
 ACCEPTED_CURVES = {"secp256r1", "secp384r1", "secp521r1"}
 RSA_MIN_BITS, RSA_MAX_BITS = 2048, 8192
-
-
-@dataclass(frozen=True)
-class ClientIdentity:
-    """A client certificate the TLS layer verified, with its chain.
-
-    ``chain`` runs from the client certificate to the trust anchor it was
-    verified against (both included).
-    """
-
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]
-
-    @property
-    def subject_text(self) -> str:
-        """The subject as an RFC 4514 string, for logs."""
-        return self.certificate.subject.rfc4514_string()
-
-    @property
-    def serial_hex(self) -> str:
-        """The serial number in upper-case hex, for logs."""
-        return serial_hex(self.certificate.serial_number)
-
-    @property
-    def anchor(self) -> x509.Certificate:
-        """The trust anchor the certificate chains to."""
-        return self.chain[-1]
 
 
 def check_csr(csr: x509.CertificateSigningRequest) -> None:
@@ -114,28 +90,34 @@ def _subject_alt_name(extensions: x509.Extensions) -> bytes | None:
     return san.public_bytes()
 
 
-def require_identity(
-    operation: Operation, client: ClientIdentity | None
-) -> ClientIdentity:
-    """Refuse (401) a client that presented no verified certificate."""
-    if client is None:
-        raise Unauthorized("a client certificate is required for " + operation.value)
-    return client
-
-
 def authorize(
     operation: Operation,
-    client: ClientIdentity,
+    requester: Requester,
     csr: x509.CertificateSigningRequest,
     enroll_subject: EnrollSubject,
 ) -> None:
-    """Decide whether ``client`` may have ``csr`` signed through ``operation``.
+    """Decide whether ``requester`` may have ``csr`` signed through ``operation``.
 
     RFC 7030 §4.2.2: a re-enrollment keeps the subject and SubjectAltName of
     the certificate being renewed.  estd applies the same binding to
-    ``simpleenroll`` unless ``enroll-subject = any``.
+    ``simpleenroll`` unless ``enroll-subject = any`` or the client is a
+    registration authority (RFC 7030 §3.7), which enrolls for others.  A
+    client known only by its HTTP Basic user name may enroll for the common
+    name equal to that user name.
     """
-    if operation is Operation.SIMPLEENROLL and enroll_subject is EnrollSubject.ANY:
+    if operation is Operation.SIMPLEENROLL:
+        if enroll_subject is EnrollSubject.ANY or requester.is_registration_authority:
+            return
+    client = requester.client
+    if client is None:
+        common_names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if [name.value for name in common_names] != [requester.user]:
+            raise Forbidden("CSR common name does not match the user name")
+        if _subject_alt_name(csr.extensions) is not None:
+            # Names beyond the user's own are not the user's to claim.
+            raise Forbidden(
+                "CSR SubjectAltName is not allowed when enrolling by user name"
+            )
         return
     if raw_subject_of_csr(csr) != raw_subject_of_certificate(client.certificate):
         raise Forbidden("CSR subject does not match the client certificate")
@@ -145,26 +127,13 @@ def authorize(
         raise Forbidden("CSR SubjectAltName does not match the client certificate")
 
 
-def client_certificate_problem(certificate: x509.Certificate) -> str | None:
-    """Why a chain-verified certificate still may not authenticate a client.
-
-    A CA certificate is never a device; a certificate whose ExtKeyUsage
-    leaves out clientAuth was meant for something else (a server, say).
-    """
-    try:
-        constraints = certificate.extensions.get_extension_for_class(
-            x509.BasicConstraints
-        ).value
-        if constraints.ca:
-            return "is a CA certificate"
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        usages = certificate.extensions.get_extension_for_class(
-            x509.ExtendedKeyUsage
-        ).value
-    except x509.ExtensionNotFound:
-        return None
-    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-        return "does not allow clientAuth (ExtKeyUsage)"
-    return None
+__all__ = [
+    "ClientIdentity",
+    "EnrollSubject",
+    "Operation",
+    "Requester",
+    "authorize",
+    "check_csr",
+    "check_public_key",
+    "client_certificate_problem",
+]

@@ -19,8 +19,9 @@ from twisted.python.threadpool import ThreadPool
 from estd import __version__
 from estd.config import KEYS, Config, Key, load_config
 from estd.errors import ConfigError
+from estd.site import EstSite
 from estd.tls import ServerTLS
-from estd.web import EstSite, build_site
+from estd.web import build_site
 
 _ = strports  # keep the strports plugins (systemd:, tcp:) importable
 log = Logger(namespace="estd")
@@ -135,13 +136,14 @@ class OrderedMultiService(service.MultiService):
             log.info(
                 "estd {version} serving EST on {listen} (TLS); EST CA {ca_subject} "
                 "valid until {ca_not_after}; {anchors} client trust anchor(s); "
-                "response profile {profile}",
+                "response profile {profile}; labels: {labels}",
                 version=__version__,
                 listen=config.listen,
                 ca_subject=ca.subject.rfc4514_string(),
                 ca_not_after=ca.not_valid_after_utc.strftime("%Y-%m-%d"),
                 anchors=len(config.trust_anchors),
                 profile=config.default.response_profile.value,
+                labels=", ".join(name for name in config.labels if name) or "none",
             )
 
     @defer.inlineCallbacks

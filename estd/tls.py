@@ -8,6 +8,7 @@ resource decides what identity it needs.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from estd.config import Config
-from estd.policy import ClientIdentity, client_certificate_problem
+from estd.identity import ClientIdentity, client_certificate_problem
 
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 """RFC 8996 leaves TLS 1.2; of its suites we keep forward-secret AEAD ones."""
@@ -46,39 +47,67 @@ class HandshakeState:
     chain: dict[int, x509.Certificate] = field(default_factory=dict)
     identity: ClientIdentity | None = None
     failure: str | None = None
+    leaf_expired: bool = False
 
 
-def _verify(
-    connection: SSL.Connection,
-    certificate: crypto.X509,
-    errno: int,
-    depth: int,
-    ok: int,
-) -> bool:
-    state: HandshakeState = connection.estd_handshake  # type: ignore[attr-defined]
-    try:
-        cert = certificate.to_cryptography()
-        subject = cert.subject.rfc4514_string() or "(empty subject)"
-    except Exception:  # never let a callback raise into OpenSSL
-        cert, subject = None, "(unparseable)"
-    if not ok:
-        why = _VERIFY_ERRORS.get(errno, f"verification error {errno}")
-        kind = "client certificate" if depth == 0 else "chain certificate"
-        where = f"{kind} {subject}"
-        state.failure = f"{where}: {why}"
-        return False
-    if cert is None:
-        state.failure = "client certificate cannot be parsed"
-        return False
-    state.chain[depth] = cert
-    if depth == 0:
-        problem = client_certificate_problem(cert)
-        if problem is not None:
-            state.failure = f"client certificate {subject} {problem}"
+_CERT_HAS_EXPIRED = 10
+
+
+def make_verify_callback(
+    reenroll_grace: datetime.timedelta,
+    clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(
+        datetime.UTC
+    ),
+) -> Callable[[SSL.Connection, crypto.X509, int, int, int], bool]:
+    """The verify callback for a configuration.
+
+    ``reenroll_grace`` is the longest re-enrollment grace of any label: an
+    expired client certificate within it is let in, marked expired, and the
+    label decides (only ``simplereenroll`` takes it).
+    """
+
+    def verify(
+        connection: SSL.Connection,
+        certificate: crypto.X509,
+        errno: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
+        state: HandshakeState = connection.estd_handshake  # type: ignore[attr-defined]
+        try:
+            cert = certificate.to_cryptography()
+            subject = cert.subject.rfc4514_string() or "(empty subject)"
+        except Exception:  # never let a callback raise into OpenSSL
+            cert, subject = None, "(unparseable)"
+        if not ok:
+            if (
+                depth == 0
+                and errno == _CERT_HAS_EXPIRED
+                and cert is not None
+                and clock() - cert.not_valid_after_utc <= reenroll_grace
+            ):
+                state.leaf_expired = True
+                return True
+            why = _VERIFY_ERRORS.get(errno, f"verification error {errno}")
+            kind = "client certificate" if depth == 0 else "chain certificate"
+            state.failure = f"{kind} {subject}: {why}"
             return False
-        chain = tuple(state.chain[d] for d in sorted(state.chain))
-        state.identity = ClientIdentity(certificate=cert, chain=chain)
-    return True
+        if cert is None:
+            state.failure = "client certificate cannot be parsed"
+            return False
+        state.chain[depth] = cert
+        if depth == 0:
+            problem = client_certificate_problem(cert)
+            if problem is not None:
+                state.failure = f"client certificate {subject} {problem}"
+                return False
+            chain = tuple(state.chain[d] for d in sorted(state.chain))
+            state.identity = ClientIdentity(
+                certificate=cert, chain=chain, expired=state.leaf_expired
+            )
+        return True
+
+    return verify
 
 
 def build_context(config: Config) -> SSL.Context:
@@ -106,7 +135,10 @@ def build_context(config: Config) -> SSL.Context:
     store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     # Request, do not require, a certificate; no CA names are sent (Go
     # clients then always send theirs).
-    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _verify)
+    context.set_verify(
+        SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE,
+        make_verify_callback(config.max_reenroll_grace),
+    )
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_session_id(b"estd")
     return context
@@ -158,6 +190,25 @@ def client_identity(transport: object) -> ClientIdentity | None:
     """The verified client certificate of a connection, or None."""
     state = handshake_state(transport)
     return state.identity if state is not None else None
+
+
+def channel_binding(transport: object) -> bytes | None:
+    """The TLS channel binding of a connection (RFC 7030 §3.5).
+
+    tls-unique (RFC 5929) on TLS 1.2: the first Finished message of the
+    handshake, which in a full handshake is the client's.  tls-exporter
+    (RFC 9266) on TLS 1.3, where tls-unique is not defined.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    connection = get_handle() if get_handle is not None else None
+    if not isinstance(connection, SSL.Connection):
+        return None
+    version = connection.get_protocol_version_name()
+    if version == "TLSv1.3":
+        return connection.export_keying_material(b"EXPORTER-Channel-Binding", 32)
+    if version == "TLSv1.2":
+        return connection.get_peer_finished()
+    return None
 
 
 def protocol_version(transport: object) -> str | None:

@@ -16,38 +16,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web import http, resource, server
-from zope.interface import implementer
+from twisted.web import resource, server
 
-from estd.config import Config, LabelConfig
-from estd.enrollment import Enrollment, enroll
+from estd.auth import FailureThrottle, parse_basic_authorization
+from estd.config import OPERATION_NAMES, Config, LabelConfig
+from estd.enrollment import Enrollment, EnrollmentRequest, enroll
 from estd.errors import (
     EstError,
     MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
+    NotImplementedOperation,
     UnsupportedMediaType,
 )
-from estd.policy import ClientIdentity, Operation
-from estd.tls import client_identity, handshake_failure_reason
-from estd.wire import MAX_BODY_BYTES, PKCS7_MIME, PKCS10, media_type
+from estd.identity import BadCredentials
+from estd.policy import Operation
+from estd.site import EstRequest, EstSite
+from estd.tls import channel_binding
+from estd.wire import CSRATTRS, PKCS7_MIME, PKCS10, encode_base64, media_type
 
 log = Logger(namespace="estd")
 
 ConfigSource = Callable[[], Config]
-
-OPERATIONS = frozenset(
-    {"cacerts", "simpleenroll", "simplereenroll", "csrattrs", "serverkeygen", "fullcmc"}
-)
-"""RFC 7030 §3.2.2 operation path segments; none of them can be a label."""
-
-SERVED_OPERATIONS = frozenset({"cacerts", "simpleenroll", "simplereenroll"})
 
 
 @dataclass(frozen=True)
@@ -55,7 +49,7 @@ class EstResponse:
     """A complete response: status, Content-Type and body bytes."""
 
     status: int
-    content_type: str
+    content_type: str | None
     body: bytes
     base64: bool = False
     headers: dict[str, str] = field(default_factory=dict)
@@ -77,9 +71,10 @@ def write_response(request: EstRequest, response: EstResponse) -> None:
         return
     request.setResponseCode(response.status)
     request.responseHeaders.setRawHeaders(b"Server", [b"estd"])
-    request.responseHeaders.setRawHeaders(
-        b"Content-Type", [response.content_type.encode()]
-    )
+    if response.content_type is not None:
+        request.responseHeaders.setRawHeaders(
+            b"Content-Type", [response.content_type.encode()]
+        )
     request.responseHeaders.setRawHeaders(
         b"Content-Length", [str(len(response.body)).encode()]
     )
@@ -165,8 +160,51 @@ class CACertsResource(EstResource):
         )
 
 
+@dataclass(frozen=True)
+class Machinery:
+    """What resources need besides settings: the clock, threads, throttle."""
+
+    reactor: Any
+    """Provides IReactorTime and IReactorFromThreads."""
+    threadpool: ThreadPool
+    throttle: FailureThrottle
+
+
+class CsrAttrsResource(EstResource):
+    """``/csrattrs`` (RFC 7030 §4.5): what the CA wants in a CSR."""
+
+    allowed_methods = ("GET", "HEAD")
+
+    def __init__(self, settings: LabelConfig) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def serve_GET(self, request: EstRequest) -> defer.Deferred[EstResponse]:
+        """204 when nothing is configured (libest wants that, not 404)."""
+        attrs = self._settings.csrattrs
+        if not attrs.items:
+            return defer.succeed(EstResponse(204, None, b""))
+        body = encode_base64(attrs.der, self._settings.base64_line_length)
+        return defer.succeed(EstResponse(200, CSRATTRS, body, base64=True))
+
+
+class FullCmcResource(EstResource):
+    """``/fullcmc`` (RFC 7030 §4.3): not implemented, and said so."""
+
+    def render(self, request: EstRequest) -> int:  # type: ignore[override]
+        """501 whatever the method."""
+        return respond(
+            request,
+            defer.fail(
+                NotImplementedOperation(
+                    "full CMC (RFC 7030 §4.3) is not supported by this server"
+                )
+            ),
+        )
+
+
 class EnrollResource(EstResource):
-    """``/simpleenroll`` and ``/simplereenroll`` (RFC 7030 §4.2)."""
+    """``/simpleenroll``, ``/simplereenroll`` (§4.2) and ``/serverkeygen`` (§4.4)."""
 
     allowed_methods = ("POST",)
 
@@ -174,14 +212,14 @@ class EnrollResource(EstResource):
         self,
         settings: LabelConfig,
         operation: Operation,
-        reactor: IReactorTime,
-        threadpool: ThreadPool,
+        machinery: Machinery,
+        server_keygen: bool = False,
     ) -> None:
         super().__init__()
         self._settings = settings
         self._operation = operation
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._machinery = machinery
+        self._server_keygen = server_keygen
 
     def serve_POST(self, request: EstRequest) -> defer.Deferred[EstResponse]:
         """Check the request on the reactor, then decide and sign in a thread."""
@@ -190,22 +228,54 @@ class EnrollResource(EstResource):
             shown = content_type or "none"
             raise UnsupportedMediaType(f"Content-Type must be {PKCS10}, not {shown}")
         assert request.content is not None
-        body = request.content.read()
-        now = datetime.datetime.fromtimestamp(self._reactor.seconds(), datetime.UTC)
-        work: defer.Deferred[Enrollment] = deferToThreadPool(
-            self._reactor,  # type: ignore[arg-type]
-            self._threadpool,
-            enroll,
-            self._settings,
-            self._operation,
-            request.est_client,
-            body,
-            now,
+        credentials = None
+        if self._settings.auth.uses_basic:
+            credentials = parse_basic_authorization(request.getHeader(b"authorization"))
+        enrollment_request = EnrollmentRequest(
+            operation=self._operation,
+            body=request.content.read(),
+            client=request.est_client,
+            credentials=credentials,
+            channel_binding=channel_binding(request.channel.transport),
+            server_keygen=self._server_keygen,
         )
+        address = request.log_address
+        throttle = self._machinery.throttle
+        reactor = self._machinery.reactor
+
+        def run(_: object) -> defer.Deferred[Enrollment]:
+            now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
+            return deferToThreadPool(
+                reactor,
+                self._machinery.threadpool,
+                enroll,
+                self._settings,
+                enrollment_request,
+                now,
+            )
+
+        def counted(outcome: Enrollment | Failure) -> Enrollment | Failure:
+            # Repeated wrong passwords from one address are answered ever
+            # more slowly (RFC 7030 §3.2.3 leaves brute force to us).
+            if isinstance(outcome, Failure) and outcome.check(BadCredentials):
+                throttle.record_failure(address)
+            elif credentials is not None and not isinstance(outcome, Failure):
+                throttle.record_success(address)
+            return outcome
+
+        delay = throttle.delay(address) if credentials is not None else 0.0
+        if delay > 0:
+            started: defer.Deferred[None] = deferLater(reactor, delay, lambda: None)
+        else:
+            started = defer.succeed(None)
+        work = started.addCallback(run).addBoth(counted)
         return work.addCallback(self._rendered, request)
 
     def _rendered(self, enrollment: Enrollment, request: EstRequest) -> EstResponse:
         request.est_issued = enrollment
+        if enrollment.content_type is not None:
+            # /serverkeygen: each part carries its own transfer encoding.
+            return EstResponse(200, enrollment.content_type, enrollment.body)
         profile = self._settings.response_profile
         return EstResponse(
             profile.enroll_status,
@@ -227,38 +297,70 @@ class NotFoundResource(EstResource):
         return respond(request, defer.fail(NotFound(self._reason)))
 
 
-class EstDirectory(resource.Resource):
-    """``/.well-known/est``: finds the operation (and, later, the label)."""
+def operation_resource(
+    settings: LabelConfig, name: str, machinery: Machinery
+) -> resource.Resource:
+    """The resource serving operation ``name`` of one label."""
+    if name == "cacerts":
+        return CACertsResource(settings)
+    if name == "csrattrs":
+        return CsrAttrsResource(settings)
+    if name == "fullcmc":
+        return FullCmcResource()
+    if name == "serverkeygen":
+        if not settings.serverkeygen:
+            return NotFoundResource(
+                "serverkeygen is not enabled here (serverkeygen = yes turns it on)"
+            )
+        return EnrollResource(
+            settings, Operation.SIMPLEENROLL, machinery, server_keygen=True
+        )
+    return EnrollResource(settings, Operation(name), machinery)
 
-    def __init__(
-        self, config_source: ConfigSource, reactor: IReactorTime, threadpool: ThreadPool
-    ) -> None:
+
+class LabelDirectory(resource.Resource):
+    """``/.well-known/est/<label>`` (RFC 7030 §3.2.2): one CA label's operations."""
+
+    def __init__(self, settings: LabelConfig, machinery: Machinery) -> None:
         super().__init__()
-        self._config_source = config_source
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._settings = settings
+        self._machinery = machinery
 
     def getChild(self, path: bytes, request: EstRequest) -> resource.Resource:
-        """Map ``<op>`` to its resource under the current configuration."""
+        """Map ``<op>`` to its resource; anything else is 404."""
+        if path == b"":
+            return self  # a labelled base URL with a trailing slash
+        name = path.decode("utf-8", "replace")
+        if name in OPERATION_NAMES:
+            return operation_resource(self._settings, name, self._machinery)
+        return NotFoundResource(f"unknown EST operation {name[:128]!r}")
+
+    def render(self, request: EstRequest) -> int:  # type: ignore[override]
+        """A label by itself is no EST resource."""
+        return respond(request, defer.fail(NotFound("no EST operation in the path")))
+
+
+class EstDirectory(resource.Resource):
+    """``/.well-known/est``: finds the label and the operation."""
+
+    def __init__(self, config_source: ConfigSource, machinery: Machinery) -> None:
+        super().__init__()
+        self._config_source = config_source
+        self._machinery = machinery
+
+    def getChild(self, path: bytes, request: EstRequest) -> resource.Resource:
+        """Map ``<op>`` or ``<label>`` under the current configuration."""
         if path == b"":
             # fioconfig appends "/simplereenroll" to the URL it is given, so a
             # trailing slash in it makes an empty segment; skip it.
             return self
         name = path.decode("utf-8", "replace")
-        settings = self._config_source().default
-        if name in SERVED_OPERATIONS:
-            return self.operation(settings, name)
-        if name in OPERATIONS:
-            return NotFoundResource(f"the EST operation {name} is not supported")
+        labels = self._config_source().labels
+        if name in OPERATION_NAMES:
+            return operation_resource(labels[""], name, self._machinery)
+        if name and name in labels:
+            return LabelDirectory(labels[name], self._machinery)
         return NotFoundResource(f"unknown EST operation or CA label {name[:128]!r}")
-
-    def operation(self, settings: LabelConfig, name: str) -> resource.Resource:
-        """The resource serving operation ``name`` with ``settings``."""
-        if name == "cacerts":
-            return CACertsResource(settings)
-        return EnrollResource(
-            settings, Operation(name), self._reactor, self._threadpool
-        )
 
     def render(self, request: EstRequest) -> int:  # type: ignore[override]
         """``/.well-known/est`` itself is no EST resource."""
@@ -287,208 +389,17 @@ class RootResource(resource.Resource):
         )
 
 
-# --- HTTP plumbing -------------------------------------------------------------
-
-
-class EstRequest(server.Request):
-    """A request that knows its start time, its client and what it issued."""
-
-    est_client: ClientIdentity | None = None
-    est_issued: Enrollment | None = None
-    est_client_gone = False
-    _body_refused = False
-    _body_seen = 0
-
-    def __init__(self, channel: EstChannel, *args: Any, **kwargs: Any) -> None:
-        super().__init__(channel, *args, **kwargs)
-        # Kept here: Request.channel is cleared when the connection is lost.
-        self.est_site: EstSite = channel.site  # type: ignore[attr-defined]
-        self.started_at = self.est_site.clock.seconds()
-
-    @property
-    def log_path(self) -> str:
-        """The request path for logs, printable and bounded."""
-        path = (self.uri or b"").split(b"?", 1)[0][:256]
-        return path.decode("ascii", "backslashreplace")
-
-    def gotLength(self, length: int | None) -> None:
-        """Refuse an announced oversized body before reading any of it."""
-        super().gotLength(length)
-        if length is not None and length > MAX_BODY_BYTES:
-            self._refuse_body()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        """Store body bytes up to the limit (chunked bodies have no length)."""
-        if self._body_refused:
-            return
-        self._body_seen += len(data)
-        if self._body_seen > MAX_BODY_BYTES:
-            self._refuse_body()
-            return
-        super().handleContentChunk(data)
-
-    def _refuse_body(self) -> None:
-        # Answer 413 at once and close: RFC 9110 §15.5.14 allows closing,
-        # and reading a body we will not use only costs memory.
-        self._body_refused = True
-        # Site.log wants the request line, which Request only sets later.
-        self.method = self.channel._command
-        self.uri = self.channel._path
-        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" now
-        error = PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
-        body = error.reason.encode() + b"\n"
-        raw = (
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Server: estd\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % len(body)
-        ) + body
-        self.code = 413
-        self.sentLength = len(body)
-        self.channel.persistent = False
-        transport = self.channel.transport
-        assert transport is not None
-        transport.write(raw)
-        self.est_site.log(self)
-        transport.loseConnection()
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """Process the request unless its body was already refused."""
-        if self._body_refused:
-            return
-        super().requestReceived(command, path, version)
-
-    def process(self) -> None:
-        """Note the verified client certificate before the resource runs."""
-        self.est_client = client_identity(self.channel.transport)
-        self.est_site.request_started()
-        self.notifyFinish().addBoth(self.est_site.request_finished)
-        super().process()
-
-
-@implementer(IHandshakeListener)
-class EstChannel(http.HTTPChannel):
-    """An HTTP channel that logs TLS handshake failures and writes once."""
-
-    _handshake_done = False
-    _held_headers: bytes = b""
-
-    def handshakeCompleted(self) -> None:
-        """TLS is up; from now on a disconnect is no handshake failure."""
-        self._handshake_done = True
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Log a failed handshake once, with its reason and no traceback."""
-        if not self._handshake_done:
-            peer = self.transport.getPeer() if self.transport is not None else None
-            log.warn(
-                "TLS handshake with {client_address} failed: {tls_failure}",
-                client_address=getattr(peer, "host", "?"),
-                tls_failure=handshake_failure_reason(self.transport, reason),
-            )
-        super().connectionLost(reason)
-
-    def writeHeaders(
-        self, version: bytes, code: bytes, reason: bytes, headers: Any
-    ) -> None:
-        """Hold the header block so that it leaves with the body."""
-        lines = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                lines.extend((name, b": ", value, b"\r\n"))
-        lines.append(b"\r\n")
-        self._held_headers = b"".join(lines)
-
-    def write(self, data: bytes) -> None:
-        """Write ``data``, preceded by any held header block."""
-        if self._held_headers:
-            data, self._held_headers = self._held_headers + data, b""
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        """Write the pieces as one, preceded by any held header block."""
-        self.write(b"".join(iovec))
-
-    def requestDone(self, request: http.Request) -> None:
-        """Flush a header-only response before the channel moves on."""
-        if self._held_headers:
-            self.write(b"")
-        super().requestDone(request)
-
-
-class EstSite(server.Site):
-    """The site: our request and channel classes, and one log line per request."""
-
-    requestFactory = EstRequest
-    protocol = EstChannel  # type: ignore[assignment]
-    displayTracebacks = False
-    noisy = False
-
-    def __init__(self, root: resource.Resource, clock: IReactorTime) -> None:
-        super().__init__(root, reactor=clock)
-        self.clock = clock
-        self.in_flight = 0
-        self._drain_waiters: list[defer.Deferred[None]] = []
-
-    def request_started(self) -> None:
-        """Count a request being processed."""
-        self.in_flight += 1
-
-    def request_finished(self, _: object = None) -> None:
-        """Count a request done (answered, or its client gone)."""
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def drained(self) -> defer.Deferred[None]:
-        """A Deferred that fires once no request is in flight."""
-        if self.in_flight == 0:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._drain_waiters.append(waiter)
-        return waiter
-
-    def log(self, request: EstRequest) -> None:  # type: ignore[override]
-        """One line: who, what, outcome, size, time, client cert, issuance."""
-        peer = request.getClientAddress()
-        fields: dict[str, Any] = {
-            "client_address": getattr(peer, "host", "?"),
-            "method": request.method.decode("ascii", "replace"),
-            "path": request.log_path,
-            "status": request.code,
-            "bytes": request.sentLength,
-            "duration_ms": round((self.clock.seconds() - request.started_at) * 1000, 1),
-            "client_subject": None,
-            "client_serial": None,
-            "issued_serial": None,
-            "issued_not_after": None,
-        }
-        text = '{client_address} "{method} {path}" {status} {bytes}B {duration_ms}ms'
-        client = request.est_client
-        if client is not None:
-            fields["client_subject"] = client.subject_text
-            fields["client_serial"] = client.serial_hex
-            text += ' client="{client_subject}" client_serial={client_serial}'
-        if request.est_issued is not None:
-            issued = request.est_issued.issued
-            fields["issued_serial"] = issued.serial_hex
-            fields["issued_not_after"] = (
-                issued.certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-            )
-            text += " issued_serial={issued_serial} not_after={issued_not_after}"
-        fields["client_gone"] = request.est_client_gone
-        if request.est_client_gone:
-            text += " (client gone before the response)"
-        log.info(text, **fields)
-
-
 def build_site(
-    config_source: ConfigSource, reactor: IReactorTime, threadpool: ThreadPool
+    config_source: ConfigSource,
+    reactor: Any,
+    threadpool: ThreadPool,
+    throttle: FailureThrottle | None = None,
 ) -> EstSite:
     """The whole EST site for a configuration source."""
-    est = EstDirectory(config_source, reactor, threadpool)
+    machinery = Machinery(
+        reactor=reactor,
+        threadpool=threadpool,
+        throttle=throttle if throttle is not None else FailureThrottle(reactor.seconds),
+    )
+    est = EstDirectory(config_source, machinery)
     return EstSite(RootResource(est), reactor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from estd.config import Config, load_config, parse_duration
-from estd.demo import DemoPKI, make_pair
+from estd import auth
+from estd.config import KEYS, OPERATION_NAMES, Config, load_config, parse_duration
+from estd.demo import DemoPKI, Pair, make_pair
 from estd.errors import ConfigError
+from estd.identity import AuthMode
 from estd.policy import EnrollSubject
 from estd.wire import ResponseProfile, decode_body
 from tests.pki import NOW, demo_pki, write_pki
@@ -80,6 +83,21 @@ def test_demo_config_loads(ini: Path) -> None:
     assert label.enroll_subject is EnrollSubject.MATCH
     assert label.base64_line_length == 64
     assert label.trust_anchors == (pki.est_ca.certificate, pki.device_ca.certificate)
+    assert list(config.labels) == [""]
+
+
+def test_demo_config_defaults_of_new_keys(ini: Path) -> None:
+    """csrattrs, serverkeygen, auth, PoP and grace default to off and cert-only."""
+    label = load(ini).default
+    assert label.csrattrs.items == ()
+    assert label.csrattrs_enforce is False
+    assert label.serverkeygen is False
+    assert label.serverkeygen_key_type == "csr"
+    assert label.auth is AuthMode.CERT
+    assert label.users is None
+    assert label.realm == "estd"
+    assert label.require_pop is False
+    assert label.reenroll_grace == datetime.timedelta()
 
 
 def test_listen_defaults_to_port(ini: Path) -> None:
@@ -254,18 +272,22 @@ def test_unknown_option(ini: Path) -> None:
 
 
 def test_unknown_section(ini: Path) -> None:
-    """A section other than [est] is refused, naming it."""
+    """A section other than [est] and [label NAME] is refused, naming it."""
     with ini.open("a") as handle:
         handle.write("[label:fleet]\nca-cert = est-ca.pem\n")
     error = config_error(ini)
-    assert str(error) == f"{ini}: unknown section [label:fleet]; expected [est]"
+    assert str(error) == (
+        f"{ini}: unknown section [label:fleet]; expected [est] or [label NAME]"
+    )
 
 
 def test_default_section_is_unknown(ini: Path) -> None:
     """A [DEFAULT] section gets no special meaning and is refused."""
     with ini.open("a") as handle:
         handle.write("[DEFAULT]\nport = 9443\n")
-    assert str(config_error(ini)) == f"{ini}: unknown section [DEFAULT]; expected [est]"
+    assert str(config_error(ini)) == (
+        f"{ini}: unknown section [DEFAULT]; expected [est] or [label NAME]"
+    )
 
 
 def test_no_est_section(tmp_path: Path) -> None:
@@ -599,3 +621,558 @@ def test_command_line_port_beats_listen_from_the_file(tmp_path: Path) -> None:
     assert load_config(ini, {"port": "9443"}, NOW).listen == "tcp:9443"
     both = {"port": "9443", "listen": "tcp:7443"}
     assert load_config(ini, both, NOW).listen == "tcp:7443"
+
+
+# --- [label NAME] sections ---------------------------------------------------
+
+
+def add_label(ini: Path, name: str, **keys: str) -> None:
+    """Append a [label NAME] section setting ``keys`` (``_`` for ``-``)."""
+    lines = [f"[label {name}]"]
+    lines += [f"{key.replace('_', '-')} = {value}" for key, value in keys.items()]
+    with ini.open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def add_section(ini: Path, header: str) -> None:
+    """Append a section with this header and one harmless key."""
+    with ini.open("a") as handle:
+        handle.write(f"[{header}]\ncert-duration = 1h\n")
+
+
+@functools.cache
+def other_ca() -> Pair:
+    """A second EST CA under the demo root, for labels with their own CA."""
+    return make_pair(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other-est-ca")]),
+        demo_pki().root,
+        ca=True,
+        now=NOW,
+    )
+
+
+def write_other_ca(ini: Path) -> None:
+    """Write other-ca.pem and other-ca.key next to est.ini."""
+    (ini.parent / "other-ca.pem").write_bytes(other_ca().cert_pem())
+    (ini.parent / "other-ca.key").write_bytes(other_ca().key_pem())
+
+
+@pytest.fixture
+def users(ini: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """users.htpasswd next to est.ini with one user (cheap bcrypt)."""
+    monkeypatch.setattr(auth, "BCRYPT_ROUNDS", 4)
+    path = ini.parent / "users.htpasswd"
+    auth.set_password(str(path), "dev-1", "correct horse")
+    return path
+
+
+def sha256(certificate: x509.Certificate) -> bytes:
+    """The SHA-256 fingerprint of a certificate."""
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def test_label_section_defines_label(ini: Path) -> None:
+    """A [label fleet] section serves /.well-known/est/fleet/ next to the default."""
+    add_label(ini, "fleet")
+    config = load(ini)
+    assert set(config.labels) == {"", "fleet"}
+    fleet = config.labels["fleet"]
+    assert fleet.label == "fleet"
+    assert fleet.path == "/.well-known/est/fleet/"
+    assert config.default.path == "/.well-known/est/"
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "Fleet-2.prod_x", "x" * 128, "cacerts2", "-", "_", "..."]
+)
+def test_label_names_accepted(ini: Path, name: str) -> None:
+    """Labels of 1-128 characters of A-Z a-z 0-9 . _ - are accepted."""
+    add_label(ini, name)
+    assert load(ini).labels[name].label == name
+
+
+def test_label_inherits_every_unset_key(ini: Path, users: Path) -> None:
+    """A label that sets nothing has every per-label setting of [est]."""
+    changed = {
+        "cert-duration": "90d",
+        "response-profile": "rfc7030",
+        "enroll-subject": "any",
+        "base64-line-length": "76",
+        "csrattrs": "challengePassword, ecPublicKey:secp384r1",
+        "csrattrs-enforce": "yes",
+        "serverkeygen": "yes",
+        "serverkeygen-key-type": "ec-p384",
+        "auth": "cert-or-basic",
+        "users-file": users.name,
+        "realm": "factory",
+        "require-pop": "yes",
+        "reenroll-grace": "30d",
+    }
+    per_label = {key.name for key in KEYS if key.per_label}
+    # Set in the demo est.ini already, or (the passphrase) not applicable:
+    # every other per-label key must be in `changed`, so that a new key is
+    # covered here too.
+    assert per_label - set(changed) == {
+        "root-cert",
+        "ca-cert",
+        "ca-key",
+        "ca-key-passphrase-file",
+        "client-cas",
+    }
+    edit_ini(ini, **{key.replace("-", "_"): value for key, value in changed.items()})
+    add_label(ini, "fleet")
+    config = load(ini)
+    fleet = config.labels["fleet"]
+    assert dataclasses.replace(fleet, label="") == config.default
+    assert fleet.cert_duration == datetime.timedelta(days=90)
+    assert fleet.auth is AuthMode.CERT_OR_BASIC
+    assert fleet.users is config.default.users
+    assert fleet.reenroll_grace == datetime.timedelta(days=30)
+    assert fleet.cacerts_body == config.default.cacerts_body
+
+
+def test_label_inherits_command_line_overrides(ini: Path) -> None:
+    """A label inherits command-line values of [est] for keys it does not set."""
+    add_label(ini, "fleet")
+    config = load(ini, cert_duration="1h", response_profile="rfc7030")
+    fleet = config.labels["fleet"]
+    assert fleet.cert_duration == datetime.timedelta(hours=1)
+    assert fleet.response_profile is ResponseProfile.RFC7030
+    assert config.default.cert_duration == datetime.timedelta(hours=1)
+
+
+def test_label_setting_beats_command_line(ini: Path) -> None:
+    """A command-line option sets [est]; a label's own setting still wins there."""
+    add_label(ini, "fleet", cert_duration="2h")
+    config = load(ini, cert_duration="1h")
+    assert config.labels["fleet"].cert_duration == datetime.timedelta(hours=2)
+    assert config.default.cert_duration == datetime.timedelta(hours=1)
+
+
+def test_label_overrides(ini: Path) -> None:
+    """A label may set its own CA, client CAs, profile and duration."""
+    pki = demo_pki()
+    write_other_ca(ini)
+    add_label(
+        ini,
+        "other",
+        ca_cert="other-ca.pem",
+        ca_key="other-ca.key",
+        response_profile="rfc7030",
+        client_cas="factory_ca.pem",
+        cert_duration="720h",
+    )
+    config = load(ini)
+    other = config.labels["other"]
+    assert other.ca.certificate == other_ca().certificate
+    assert other.response_profile is ResponseProfile.RFC7030
+    assert other.client_cas == (pki.root.certificate,)
+    assert other.cert_duration == datetime.timedelta(hours=720)
+    assert other.root_certificates == (pki.root.certificate,)
+    assert other.trust_anchors == (other_ca().certificate, pki.root.certificate)
+    certificates = pkcs7.load_der_pkcs7_certificates(decode_body(other.cacerts_body))
+    assert certificates == [pki.root.certificate, other_ca().certificate]
+    default = config.default
+    assert default.ca.certificate == pki.est_ca.certificate
+    assert default.response_profile is ResponseProfile.FIOCONFIG
+    assert default.client_cas == (pki.device_ca.certificate,)
+    assert default.cert_duration == datetime.timedelta(hours=26280)
+
+
+def test_labels_share_one_ca(ini: Path) -> None:
+    """Labels naming the same CA files (however spelt) share one CA object."""
+    write_other_ca(ini)
+    add_label(ini, "a", ca_cert="other-ca.pem", ca_key="other-ca.key")
+    add_label(ini, "b", ca_cert="./other-ca.pem", ca_key="other-ca.key")
+    add_label(ini, "c")
+    add_label(ini, "d", ca_cert="../etc/est-ca.pem")
+    labels = load(ini).labels
+    assert labels["a"].ca is labels["b"].ca
+    assert labels["c"].ca is labels[""].ca
+    assert labels["d"].ca is labels[""].ca
+    assert labels["a"].ca is not labels[""].ca
+
+
+def test_labels_share_one_users_file(ini: Path, users: Path) -> None:
+    """Labels naming the same users file share one loaded copy."""
+    add_label(ini, "a", auth="basic", users_file=users.name)
+    add_label(ini, "b", auth="cert-or-basic", users_file=str(users))
+    labels = load(ini).labels
+    assert labels["a"].users is not None
+    assert labels["a"].users is labels["b"].users
+    assert labels[""].users is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["label", "label ", "label " + "x" * 129, "label a/b", "label a b", "label fl€et"],
+    ids=["no-name", "empty", "129-chars", "slash", "space", "non-ascii"],
+)
+def test_bad_label_names(ini: Path, header: str) -> None:
+    """A label name that is empty, too long or has other characters is refused."""
+    add_section(ini, header)
+    assert str(config_error(ini)) == (
+        f"{ini}: [{header}]: a label is 1-128 characters of A-Z a-z 0-9 . _ -"
+    )
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dot_segment_label_is_refused(ini: Path, name: str) -> None:
+    """A label of . or .. (which URLs cannot carry as a segment) is refused."""
+    add_label(ini, name)
+    assert str(config_error(ini)).startswith(f"{ini}: [label {name}]: ")
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATION_NAMES))
+def test_operation_name_is_not_a_label(ini: Path, operation: str) -> None:
+    """A label named like an EST operation (cacerts, ...) is refused."""
+    add_label(ini, operation)
+    assert str(config_error(ini)) == (
+        f"{ini}: [label {operation}]: {operation} is an EST operation, not a label"
+    )
+
+
+def test_label_keyword_is_case_sensitive(ini: Path) -> None:
+    """[Label fleet] is not a label section."""
+    add_section(ini, "Label fleet")
+    assert str(config_error(ini)) == (
+        f"{ini}: unknown section [Label fleet]; expected [est] or [label NAME]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("port", "9443"),
+        ("listen", "tcp:9443"),
+        ("tls-cert", "local-tls.pem"),
+        ("tls-key", "local-tls.key"),
+        ("threads", "8"),
+    ],
+)
+def test_server_wide_key_in_label(ini: Path, key: str, value: str) -> None:
+    """A server-wide key inside a label section is refused, naming the section."""
+    add_label(ini, "fleet", **{key: value})
+    error = config_error(ini)
+    assert str(error) == (
+        f"{ini} [label fleet]: {key}: is a server-wide key; set it in [est]"
+    )
+    assert error.source == f"{ini} [label fleet]"
+
+
+def test_unknown_key_in_label(ini: Path) -> None:
+    """A misspelt key in a label section is refused, naming the section."""
+    add_label(ini, "fleet", cert_duraton="1h")
+    assert str(config_error(ini)) == f"{ini} [label fleet]: cert-duraton: unknown key"
+
+
+def test_bad_value_in_label_names_the_label(ini: Path) -> None:
+    """A bad value in a label section is reported against that section."""
+    add_label(ini, "fleet", cert_duration="10")
+    error = config_error(ini)
+    assert str(error) == (
+        f"{ini} [label fleet]: cert-duration: '10' is not a duration; use a number "
+        "and a unit (d, h, m, s), e.g. 26280h or 1095d"
+    )
+    assert error.key == "cert-duration"
+
+
+def test_bad_profile_in_label_names_the_label(ini: Path) -> None:
+    """An unknown response-profile in a label names the label section."""
+    add_label(ini, "fleet", response_profile="libest")
+    assert str(config_error(ini)) == (
+        f"{ini} [label fleet]: response-profile: 'libest' is not one of "
+        "fioconfig, rfc7030"
+    )
+
+
+def test_missing_file_in_label_names_the_label(ini: Path) -> None:
+    """A label's unreadable ca-cert is reported against the label section."""
+    add_label(ini, "fleet", ca_cert="missing.pem")
+    path = ini.parent / "missing.pem"
+    assert str(config_error(ini)) == (
+        f"{ini} [label fleet]: ca-cert: cannot read {path}: No such file or directory"
+    )
+
+
+def test_client_cas_not_a_ca_in_label(ini: Path) -> None:
+    """A device certificate in a label's client-cas names the label section."""
+    add_label(ini, "fleet", client_cas="device.pem")
+    subject = demo_pki().devices[0].certificate.subject.rfc4514_string()
+    assert str(config_error(ini)) == (
+        f"{ini} [label fleet]: client-cas: {subject}: the certificate is not a CA "
+        "(BasicConstraints CA:FALSE)"
+    )
+
+
+def test_label_ca_cert_without_its_key_names_the_label(ini: Path) -> None:
+    """A label setting ca-cert but not its ca-key is reported against the label."""
+    write_other_ca(ini)
+    add_label(ini, "fleet", ca_cert="other-ca.pem")
+    error = config_error(ini)
+    assert error.key == "ca-key"
+    assert error.source == f"{ini} [label fleet]"
+
+
+def test_label_defined_twice_is_refused(ini: Path) -> None:
+    """Two sections for the same label (spelt with extra blanks) are refused."""
+    add_label(ini, "fleet", cert_duration="1h")
+    add_label(ini, " fleet", cert_duration="2h")
+    error = config_error(ini)
+    assert "fleet" in str(error)
+
+
+# --- auth and users-file -----------------------------------------------------
+
+
+def test_basic_auth_loads_users_file(ini: Path, users: Path) -> None:
+    """auth = basic with users-file loads the users, checked by password."""
+    edit_ini(ini, auth="basic", users_file=users.name, realm="factory line 1")
+    label = load(ini).default
+    assert label.auth is AuthMode.BASIC
+    assert label.users is not None
+    assert "dev-1" in label.users
+    assert label.users.check("dev-1", "correct horse")
+    assert not label.users.check("dev-1", "wrong")
+    assert label.realm == "factory line 1"
+
+
+@pytest.mark.parametrize("mode", ["basic", "cert-or-basic", "cert-and-basic"])
+def test_basic_auth_without_users_file(ini: Path, mode: str) -> None:
+    """An auth mode using Basic without a users-file is refused."""
+    edit_ini(ini, auth=mode)
+    assert (
+        str(config_error(ini)) == f"{ini}: users-file: is required with auth = {mode}"
+    )
+
+
+def test_basic_auth_without_users_file_in_label(ini: Path) -> None:
+    """A label with auth = basic and no users-file anywhere names the label."""
+    add_label(ini, "bootstrap", auth="basic")
+    assert str(config_error(ini)) == (
+        f"{ini} [label bootstrap]: users-file: is required with auth = basic"
+    )
+
+
+def test_label_inherits_users_file(ini: Path, users: Path) -> None:
+    """A label turning on Basic may use the users-file set in [est]."""
+    edit_ini(ini, users_file=users.name)
+    add_label(ini, "bootstrap", auth="basic")
+    config = load(ini)
+    assert config.labels["bootstrap"].auth is AuthMode.BASIC
+    assert config.labels["bootstrap"].users is config.default.users
+    assert config.default.auth is AuthMode.CERT
+
+
+def test_bad_auth_mode(ini: Path) -> None:
+    """An unknown auth mode lists the accepted ones."""
+    edit_ini(ini, auth="digest")
+    assert str(config_error(ini)) == (
+        f"{ini}: auth: 'digest' is not one of cert, basic, cert-or-basic, "
+        "cert-and-basic"
+    )
+
+
+def test_users_file_with_apr1_hash(ini: Path) -> None:
+    """A users file with an Apache MD5 hash is refused, naming key and file."""
+    path = ini.parent / "users.htpasswd"
+    path.write_text("dev-1:$apr1$r31.....$HqJZimcKQFAMYayBlzkrA/\n")
+    edit_ini(ini, auth="basic", users_file="users.htpasswd")
+    assert str(config_error(ini)) == (
+        f"{ini}: users-file: {path}: line 1 (user 'dev-1'): only bcrypt or scrypt "
+        "hashes are accepted, this is an Apache MD5 ($apr1$) hash"
+    )
+
+
+def test_users_file_with_apr1_hash_in_label(ini: Path) -> None:
+    """A label's bad users file is reported against the label section."""
+    path = ini.parent / "users.htpasswd"
+    path.write_text("# users\ndev-1:$apr1$r31.....$HqJZimcKQFAMYayBlzkrA/\n")
+    add_label(ini, "bootstrap", auth="basic", users_file="users.htpasswd")
+    assert str(config_error(ini)) == (
+        f"{ini} [label bootstrap]: users-file: {path}: line 2 (user 'dev-1'): only "
+        "bcrypt or scrypt hashes are accepted, this is an Apache MD5 ($apr1$) hash"
+    )
+
+
+def test_users_file_missing(ini: Path) -> None:
+    """A users-file that does not exist is named with its path."""
+    edit_ini(ini, auth="basic", users_file="nope.htpasswd")
+    path = ini.parent / "nope.htpasswd"
+    assert str(config_error(ini)) == (
+        f"{ini}: users-file: cannot read {path}: No such file or directory"
+    )
+
+
+def test_bad_realm(ini: Path) -> None:
+    """A realm with a double quote (it goes into WWW-Authenticate) is refused."""
+    edit_ini(ini, realm='say "hi"')
+    assert str(config_error(ini)) == (
+        f"{ini}: realm: 'say \"hi\"' is not a usable realm (printable, no quotes)"
+    )
+
+
+# --- csrattrs, serverkeygen, require-pop -------------------------------------
+
+
+def test_csrattrs_parsed(ini: Path) -> None:
+    """csrattrs lists items by comma or on continuation lines."""
+    with ini.open("a") as handle:
+        handle.write(
+            "csrattrs = challengePassword, ecPublicKey:secp384r1\n"
+            "    extensionRequest:macAddress\n"
+            "    ecdsa-with-SHA384\n"
+        )
+    label = load(ini).default
+    assert label.csrattrs.describe() == (
+        "challengePassword, ecPublicKey:secp384r1, extensionRequest:macAddress, "
+        "ecdsa-with-SHA384"
+    )
+
+
+def test_bad_csrattrs(ini: Path) -> None:
+    """An unknown csrattrs item is refused, naming the key and the item."""
+    edit_ini(ini, csrattrs="challengePassword, bogus")
+    assert str(config_error(ini)) == (
+        f"{ini}: csrattrs: csrattrs item 'bogus': 'bogus' is neither a known name "
+        "nor a dotted OID"
+    )
+
+
+def test_bad_csrattrs_in_label(ini: Path) -> None:
+    """A label's bad csrattrs is reported against the label section."""
+    add_label(ini, "fleet", csrattrs="ecPublicKey:")
+    assert str(config_error(ini)) == (
+        f"{ini} [label fleet]: csrattrs: csrattrs item 'ecPublicKey:': "
+        "no value after ':'"
+    )
+
+
+@pytest.mark.parametrize("key", ["csrattrs-enforce", "serverkeygen", "require-pop"])
+def test_bad_boolean(ini: Path, key: str) -> None:
+    """Yes/no keys refuse anything else, naming the key."""
+    edit_ini(ini, **{key.replace("-", "_"): "maybe"})
+    assert str(config_error(ini)) == f"{ini}: {key}: 'maybe' is not yes or no"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("yes", True), ("On", True), ("1", True), ("off", False)]
+)
+def test_boolean_spellings(ini: Path, text: str, expected: bool) -> None:
+    """Yes/no keys take yes/true/on/1 and no/false/off/0, in any case."""
+    edit_ini(ini, serverkeygen=text, require_pop=text, csrattrs_enforce=text)
+    label = load(ini).default
+    assert (label.serverkeygen, label.require_pop, label.csrattrs_enforce) == (
+        expected,
+        expected,
+        expected,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("csr", "csr"),
+        ("ec-p256", "ec-p256"),
+        ("EC-P384", "ec-p384"),
+        ("ec-p521", "ec-p521"),
+        ("rsa-2048", "rsa-2048"),
+        ("rsa-3072", "rsa-3072"),
+        ("rsa-4096", "rsa-4096"),
+        ("ed25519", "ed25519"),
+    ],
+)
+def test_serverkeygen_key_types(ini: Path, text: str, expected: str) -> None:
+    """Every documented serverkeygen-key-type is accepted, case-insensitively."""
+    edit_ini(ini, serverkeygen="yes", serverkeygen_key_type=text)
+    label = load(ini).default
+    assert label.serverkeygen is True
+    assert label.serverkeygen_key_type == expected
+
+
+def test_bad_serverkeygen_key_type(ini: Path) -> None:
+    """An unknown serverkeygen-key-type lists the accepted ones."""
+    edit_ini(ini, serverkeygen_key_type="dsa-2048")
+    assert str(config_error(ini)) == (
+        f"{ini}: serverkeygen-key-type: 'dsa-2048' is not one of csr, ec-p256, "
+        "ec-p384, ec-p521, rsa-2048, rsa-3072, rsa-4096, ed25519"
+    )
+
+
+# --- reenroll-grace ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", datetime.timedelta()),
+        ("30d", datetime.timedelta(days=30)),
+        ("36h", datetime.timedelta(hours=36)),
+    ],
+)
+def test_reenroll_grace(ini: Path, text: str, expected: datetime.timedelta) -> None:
+    """reenroll-grace takes 0 (no grace) or a duration."""
+    edit_ini(ini, reenroll_grace=text)
+    assert load(ini).default.reenroll_grace == expected
+
+
+def test_bad_reenroll_grace(ini: Path) -> None:
+    """A reenroll-grace without a unit names the key."""
+    edit_ini(ini, reenroll_grace="30")
+    assert str(config_error(ini)) == (
+        f"{ini}: reenroll-grace: '30' is not a duration; use a number and a unit "
+        "(d, h, m, s), e.g. 26280h or 1095d"
+    )
+
+
+@pytest.mark.parametrize("text", ["0d", "0h"])
+def test_reenroll_grace_zero_with_unit(ini: Path, text: str) -> None:
+    """A zero grace written with a unit (0d) means no grace, like 0."""
+    edit_ini(ini, reenroll_grace=text)
+    assert load(ini).default.reenroll_grace == datetime.timedelta()
+
+
+def test_max_reenroll_grace(ini: Path) -> None:
+    """The TLS layer's grace is the longest of all labels'."""
+    assert load(ini).max_reenroll_grace == datetime.timedelta()
+    add_label(ini, "a", reenroll_grace="30d")
+    add_label(ini, "b", reenroll_grace="7d")
+    add_label(ini, "c")
+    assert load(ini).max_reenroll_grace == datetime.timedelta(days=30)
+
+
+# --- Trust anchors -----------------------------------------------------------
+
+
+def test_anchor_fingerprints(ini: Path) -> None:
+    """A label's anchor fingerprints are the SHA-256 of the EST CA and client-cas."""
+    pki = demo_pki()
+    label = load(ini).default
+    assert label.anchor_fingerprints == frozenset(
+        {sha256(pki.est_ca.certificate), sha256(pki.device_ca.certificate)}
+    )
+
+
+def test_trust_anchors_union_without_duplicates(ini: Path) -> None:
+    """TLS trusts every label's anchors, each certificate once."""
+    pki = demo_pki()
+    write_other_ca(ini)
+    add_label(ini, "a")
+    add_label(
+        ini,
+        "b",
+        ca_cert="other-ca.pem",
+        ca_key="other-ca.key",
+        client_cas="client-cas.pem",
+    )
+    add_label(ini, "c", client_cas="factory_ca.pem")
+    config = load(ini)
+    assert config.trust_anchors == (
+        pki.est_ca.certificate,
+        pki.device_ca.certificate,
+        other_ca().certificate,
+        pki.root.certificate,
+    )
+    assert config.labels["c"].anchor_fingerprints == frozenset(
+        {sha256(pki.est_ca.certificate), sha256(pki.root.certificate)}
+    )

@@ -1,37 +1,25 @@
-"""Unit tests of estd.policy and estd.enrollment: who may get what."""
+"""Unit tests of estd.policy: which CSRs are well formed and who may get them."""
 
 from __future__ import annotations
 
-import base64
-import datetime
 import functools
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from estd.config import LabelConfig
 from estd.demo import Pair, device_name, make_pair
-from estd.enrollment import enroll
-from estd.errors import BadRequest, Forbidden, Unauthorized
-from estd.policy import (
-    ClientIdentity,
-    EnrollSubject,
-    Operation,
-    authorize,
-    check_csr,
-    client_certificate_problem,
-    require_identity,
-)
-from estd.wire import decode_body, raw_subject_of_certificate
-from tests.pki import NOW, demo_config, demo_pki, fioconfig_csr, one_line_base64
+from estd.errors import BadRequest, Forbidden
+from estd.identity import ID_KP_CMC_RA, ClientIdentity, Requester
+from estd.policy import EnrollSubject, Operation, authorize, check_csr
+from tests.pki import NOW, demo_pki, fioconfig_csr
 
 SUBJECT_MISMATCH = "CSR subject does not match the client certificate"
 SAN_MISMATCH = "CSR SubjectAltName does not match the client certificate"
+USER_MISMATCH = "CSR common name does not match the user name"
 
 
 def load(der: bytes) -> x509.CertificateSigningRequest:
@@ -54,10 +42,12 @@ def signed_csr(
     return builder.sign(key, None if eddsa else hashes.SHA256())  # type: ignore[arg-type]
 
 
-def identity(pair: Pair) -> ClientIdentity:
-    """The identity of a device whose certificate chains to the demo device CA."""
-    return ClientIdentity(
-        pair.certificate, (pair.certificate, demo_pki().device_ca.certificate)
+def identity(pair: Pair) -> Requester:
+    """A requester known by a device certificate chaining to the demo device CA."""
+    return Requester(
+        ClientIdentity(
+            pair.certificate, (pair.certificate, demo_pki().device_ca.certificate)
+        )
     )
 
 
@@ -375,193 +365,6 @@ def test_enroll_any_other_subject_is_allowed() -> None:
     )
 
 
-# --- require_identity --------------------------------------------------------
-
-
-@pytest.mark.parametrize("operation", list(Operation))
-def test_no_client_certificate_is_401(operation: Operation) -> None:
-    """A client without a verified certificate is unauthorized, naming the operation."""
-    with pytest.raises(Unauthorized) as caught:
-        require_identity(operation, None)
-    assert caught.value.status == 401
-    assert (
-        caught.value.reason == f"a client certificate is required for {operation.value}"
-    )
-
-
-def test_client_identity_is_passed_through() -> None:
-    """A verified client is returned as is."""
-    client = identity(device())
-    assert require_identity(Operation.SIMPLEREENROLL, client) is client
-
-
-def test_client_identity_properties() -> None:
-    """A client identity names its subject, serial and trust anchor for logs."""
-    pair = device()
-    client = identity(pair)
-    assert client.anchor is demo_pki().device_ca.certificate
-    assert client.subject_text == pair.certificate.subject.rfc4514_string()
-    serial = format(pair.certificate.serial_number, "X")
-    assert client.serial_hex == ("0" + serial if len(serial) % 2 else serial)
-
-
-# --- client_certificate_problem ----------------------------------------------
-
-
-def test_ca_certificate_is_not_a_client() -> None:
-    """A CA certificate cannot authenticate a client."""
-    assert client_certificate_problem(demo_pki().device_ca.certificate) == (
-        "is a CA certificate"
-    )
-
-
-def test_server_auth_only_is_not_a_client() -> None:
-    """A certificate whose ExtKeyUsage is only serverAuth cannot be a client."""
-    assert client_certificate_problem(demo_pki().tls.certificate) == (
-        "does not allow clientAuth (ExtKeyUsage)"
-    )
-
-
-def test_no_ext_key_usage_is_a_client() -> None:
-    """A leaf certificate without ExtKeyUsage may authenticate a client."""
-    pair = make_pair(device_name("no-eku"), demo_pki().device_ca, ca=False, now=NOW)
-    with pytest.raises(x509.ExtensionNotFound):
-        pair.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-    assert client_certificate_problem(pair.certificate) is None
-
-
-def test_client_auth_is_a_client() -> None:
-    """A device certificate with clientAuth may authenticate a client."""
-    assert client_certificate_problem(device().certificate) is None
-
-
-def test_server_and_client_auth_is_a_client() -> None:
-    """A certificate allowing both serverAuth and clientAuth may be a client."""
-    pair = make_pair(
-        device_name("both"),
-        demo_pki().device_ca,
-        ca=False,
-        now=NOW,
-        extended_usage=[
-            ExtendedKeyUsageOID.SERVER_AUTH,
-            ExtendedKeyUsageOID.CLIENT_AUTH,
-        ],
-    )
-    assert client_certificate_problem(pair.certificate) is None
-
-
-# --- enrollment.enroll end to end --------------------------------------------
-
-
-@functools.cache
-def settings(**options: str) -> LabelConfig:
-    """The default label of a demo config loaded from disk (cached per options)."""
-    return demo_config(**options).default
-
-
-def test_enroll_returns_one_certificate() -> None:
-    """A renewal answers with base64 of a PKCS#7 holding only the issued certificate."""
-    pair = device()
-    body = one_line_base64(fioconfig_csr(pair.certificate.subject)[1])
-    result = enroll(settings(), Operation.SIMPLEREENROLL, identity(pair), body, NOW)
-    certificates = pkcs7.load_der_pkcs7_certificates(decode_body(result.body))
-    assert certificates == [result.issued.certificate]
-    certificate = certificates[0]
-    assert (
-        raw_subject_of_certificate(certificate)
-        == pair.certificate.subject.public_bytes()
-    )
-    assert certificate.not_valid_after_utc == NOW + datetime.timedelta(hours=26280)
-    certificate.verify_directly_issued_by(demo_pki().est_ca.certificate)
-
-
-def test_enroll_body_is_64_column_crlf() -> None:
-    """The enrollment body is base64 in 64-column CRLF lines ending in one CRLF."""
-    pair = device()
-    body = one_line_base64(fioconfig_csr(pair.certificate.subject)[1])
-    result = enroll(settings(), Operation.SIMPLEREENROLL, identity(pair), body, NOW)
-    assert result.body.endswith(b"\r\n")
-    assert not result.body.endswith(b"\r\n\r\n")
-    lines = result.body[:-2].split(b"\r\n")
-    assert all(len(line) == 64 for line in lines[:-1])
-    assert 0 < len(lines[-1]) <= 64
-    assert base64.b64decode(b"".join(lines)) == pkcs7.serialize_certificates(
-        [result.issued.certificate], serialization.Encoding.DER
-    )
-
-
-def test_enroll_body_one_line() -> None:
-    """With base64-line-length 0 the body is one line and one CRLF."""
-    pair = device()
-    body = one_line_base64(fioconfig_csr(pair.certificate.subject)[1])
-    result = enroll(
-        settings(base64_line_length="0"),
-        Operation.SIMPLEREENROLL,
-        identity(pair),
-        body,
-        NOW,
-    )
-    assert result.body.count(b"\r\n") == 1
-    assert result.body.endswith(b"\r\n")
-    assert b"\n" not in result.body[:-2]
-
-
-def test_enroll_anonymous_is_401_before_parsing() -> None:
-    """An anonymous request is refused with 401 even when its body is garbage."""
-    with pytest.raises(Unauthorized) as caught:
-        enroll(settings(), Operation.SIMPLEREENROLL, None, b"!!! not base64 !!!", NOW)
-    assert caught.value.status == 401
-
-
-def test_enroll_garbage_body_is_400() -> None:
-    """An authenticated request with a body that is not a CSR is refused with 400."""
-    with pytest.raises(BadRequest) as caught:
-        enroll(settings(), Operation.SIMPLEREENROLL, identity(device()), b"!!!", NOW)
-    assert caught.value.status == 400
-
-
-def test_enroll_other_subject_is_403() -> None:
-    """Re-enrolling another device's subject is refused with 403."""
-    pki = demo_pki()
-    body = one_line_base64(fioconfig_csr(pki.devices[1].certificate.subject)[1])
-    with pytest.raises(Forbidden) as caught:
-        enroll(
-            settings(), Operation.SIMPLEREENROLL, identity(pki.devices[0]), body, NOW
-        )
-    assert caught.value.reason == SUBJECT_MISMATCH
-
-
-def test_enroll_checks_csr_signature() -> None:
-    """A renewal CSR with a broken signature is refused with 400 before signing."""
-    pair = device()
-    der = corrupt_signature(fioconfig_csr(pair.certificate.subject)[1])
-    with pytest.raises(BadRequest) as caught:
-        enroll(
-            settings(),
-            Operation.SIMPLEREENROLL,
-            identity(pair),
-            base64.b64encode(der),
-            NOW,
-        )
-    assert caught.value.reason == (
-        "the CSR signature does not verify (no proof of possession)"
-    )
-
-
-def test_enroll_subject_any_from_config() -> None:
-    """enroll-subject = any in the config lets simpleenroll sign a new subject."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "brand-new")])
-    body = one_line_base64(fioconfig_csr(subject)[1])
-    result = enroll(
-        settings(enroll_subject="any"),
-        Operation.SIMPLEENROLL,
-        identity(device()),
-        body,
-        NOW,
-    )
-    assert result.issued.certificate.subject == subject
-
-
 def test_reenroll_san_other_string_encoding_is_403() -> None:
     """A SAN directoryName re-encoded as PrintableString is a different SAN: 403."""
     utf8 = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dir-device")])
@@ -589,3 +392,161 @@ def test_reenroll_san_other_string_encoding_is_403() -> None:
     with pytest.raises(Forbidden) as caught:
         authorize(Operation.SIMPLEREENROLL, identity(pair), csr, EnrollSubject.MATCH)
     assert caught.value.reason == SAN_MISMATCH
+
+
+# --- authorize: registration authorities -------------------------------------
+
+
+@functools.cache
+def registration_authority() -> Pair:
+    """An RA certificate: ExtKeyUsage clientAuth and id-kp-cmcRA."""
+    return make_pair(
+        device_name("registration-authority"),
+        demo_pki().device_ca,
+        ca=False,
+        now=NOW,
+        extended_usage=[ExtendedKeyUsageOID.CLIENT_AUTH, ID_KP_CMC_RA],
+    )
+
+
+def test_ra_enrolls_other_subject_under_match() -> None:
+    """An RA may simpleenroll another subject even with enroll-subject = match."""
+    ra = identity(registration_authority())
+    assert ra.is_registration_authority
+    csr = load(fioconfig_csr(device_name("enrolled-by-ra"))[1])
+    assert authorize(Operation.SIMPLEENROLL, ra, csr, EnrollSubject.MATCH) is None
+
+
+def test_ra_enrolls_other_san_under_match() -> None:
+    """An RA may simpleenroll a CSR carrying a SubjectAltName its own lacks."""
+    san = x509.SubjectAlternativeName([x509.DNSName("enrolled-by-ra.example")])
+    csr = load(fioconfig_csr(device_name("ra-san"), extensions=[(san, False)])[1])
+    assert (
+        authorize(
+            Operation.SIMPLEENROLL,
+            identity(registration_authority()),
+            csr,
+            EnrollSubject.MATCH,
+        )
+        is None
+    )
+
+
+def test_ra_reenroll_other_subject_is_403() -> None:
+    """An RA re-enrolling renews its own certificate: another subject is 403."""
+    csr = load(fioconfig_csr(device_name("enrolled-by-ra"))[1])
+    with pytest.raises(Forbidden) as caught:
+        authorize(
+            Operation.SIMPLEREENROLL,
+            identity(registration_authority()),
+            csr,
+            EnrollSubject.MATCH,
+        )
+    assert caught.value.status == 403
+    assert caught.value.reason == SUBJECT_MISMATCH
+
+
+def test_ra_reenroll_own_subject_is_allowed() -> None:
+    """An RA may renew its own certificate like any client."""
+    pair = registration_authority()
+    assert (
+        authorize(
+            Operation.SIMPLEREENROLL,
+            identity(pair),
+            renewal_csr(pair),
+            EnrollSubject.MATCH,
+        )
+        is None
+    )
+
+
+# --- authorize: HTTP Basic users ---------------------------------------------
+
+
+def basic_user(name: str = "dev-1") -> Requester:
+    """A requester known only by an HTTP Basic user name (no certificate)."""
+    return Requester(client=None, user=name)
+
+
+def cn_csr(*common_names: str) -> x509.CertificateSigningRequest:
+    """A fioconfig-style CSR whose subject holds these common names."""
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, name) for name in common_names]
+    )
+    return load(fioconfig_csr(subject)[1])
+
+
+def test_basic_user_enrolls_own_name() -> None:
+    """A basic-auth user may enroll the common name equal to the user name."""
+    assert (
+        authorize(
+            Operation.SIMPLEENROLL, basic_user(), cn_csr("dev-1"), EnrollSubject.MATCH
+        )
+        is None
+    )
+
+
+def test_basic_user_enrolls_own_name_with_more_subject_fields() -> None:
+    """Only the common name is bound to the user; other subject fields may vary."""
+    csr = load(fioconfig_csr(device_name("dev-1", factory="line-7"))[1])
+    assert (
+        authorize(Operation.SIMPLEENROLL, basic_user(), csr, EnrollSubject.MATCH)
+        is None
+    )
+
+
+def test_basic_user_cannot_claim_alternative_names() -> None:
+    """A basic-auth user's CSR may not add a SubjectAltName of its choosing."""
+    san = x509.SubjectAlternativeName([x509.DNSName("bank.example")])
+    csr = load(
+        fioconfig_csr(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")]),
+            extensions=[(san, False)],
+        )[1]
+    )
+    with pytest.raises(Forbidden) as raised:
+        authorize(Operation.SIMPLEENROLL, basic_user(), csr, EnrollSubject.MATCH)
+    assert raised.value.reason == (
+        "CSR SubjectAltName is not allowed when enrolling by user name"
+    )
+
+
+@pytest.mark.parametrize(
+    "common_names",
+    [("dev-2",), ("DEV-1",), ("dev-1 ",), (), ("dev-1", "dev-1"), ("dev-1", "dev-2")],
+    ids=["other", "case", "trailing-space", "none", "twice", "two-names"],
+)
+def test_basic_user_other_common_name_is_403(common_names: tuple[str, ...]) -> None:
+    """A basic-auth user asking for any other common name (or none, or two) gets 403."""
+    with pytest.raises(Forbidden) as caught:
+        authorize(
+            Operation.SIMPLEENROLL,
+            basic_user(),
+            cn_csr(*common_names),
+            EnrollSubject.MATCH,
+        )
+    assert caught.value.status == 403
+    assert caught.value.reason == USER_MISMATCH
+
+
+def test_basic_user_any_subject_with_enroll_subject_any() -> None:
+    """With enroll-subject = any a basic-auth user may enroll any subject."""
+    assert (
+        authorize(
+            Operation.SIMPLEENROLL, basic_user(), cn_csr("dev-2"), EnrollSubject.ANY
+        )
+        is None
+    )
+
+
+def test_certificate_and_user_binds_to_the_certificate() -> None:
+    """With a certificate and a user name, the CSR must match the certificate."""
+    pair = device()
+    both = Requester(identity(pair).client, user="dev-1")
+    with pytest.raises(Forbidden) as caught:
+        authorize(Operation.SIMPLEENROLL, both, cn_csr("dev-1"), EnrollSubject.MATCH)
+    assert caught.value.reason == SUBJECT_MISMATCH
+    assert (
+        authorize(Operation.SIMPLEENROLL, both, renewal_csr(pair), EnrollSubject.MATCH)
+        is None
+    )

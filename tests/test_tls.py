@@ -9,18 +9,20 @@ certificate here is made relative to ``datetime.now()``.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import functools
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
@@ -30,6 +32,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -39,11 +42,17 @@ from zope.interface import implementer
 
 from estd.config import Config
 from estd.demo import DemoPKI, Pair, device_name, make_demo_pki, make_pair
-from estd.policy import ClientIdentity
-from estd.tls import ServerTLS, client_identity, handshake_failure_reason
+from estd.identity import ClientIdentity
+from estd.tls import (
+    ServerTLS,
+    channel_binding,
+    client_identity,
+    handshake_failure_reason,
+)
 from estd.web import build_site
 from estd.wire import certs_only, encode_base64
 from tests.pki import demo_config, fioconfig_csr, one_line_base64
+from tests.test_labels_web import load_ini
 from tests.test_web import (
     SynchronousThreadPool,
     ThreadlessClock,
@@ -190,13 +199,15 @@ class ServerSide(Protocol):
     identity: ClientIdentity | None = None
     version: str | None = None
     cipher: str | None = None
+    binding: bytes | None = None
     failure_reason: str | None = None
     lost: Failure | None = None
 
     def handshakeCompleted(self) -> None:
-        """Note the verified identity and the negotiated parameters."""
+        """Note the verified identity, negotiated parameters and channel binding."""
         self.handshook = True
         self.identity = client_identity(self.transport)
+        self.binding = channel_binding(self.transport)
         connection = self.transport.getHandle()
         self.version = connection.get_protocol_version_name()
         self.cipher = connection.get_cipher_name()
@@ -217,16 +228,38 @@ class ClientSide(Protocol):
     server_chain: list[x509.Certificate] | None = None
     lost: Failure | None = None
 
-    def __init__(self, greeting: bytes = b"") -> None:
+    binding: bytes | None = None
+
+    def __init__(
+        self,
+        greeting: bytes = b"",
+        make_greeting: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self.greeting = greeting
+        self.make_greeting = make_greeting
         self.received = b""
 
     def handshakeCompleted(self) -> None:
-        """Note the CA names of the server's CertificateRequest, then talk."""
+        """Note the CA names and the channel binding (client's view), then talk.
+
+        ``make_greeting``, if given, makes the request from the binding: a
+        CSR carrying it must be made after the handshake, as libest does.
+        """
         self.handshook = True
         connection = self.transport.getHandle()
         self.client_ca_names = connection.get_client_ca_list()
         self.server_chain = connection.get_peer_cert_chain(as_cryptography=True)
+        if connection.get_protocol_version_name() == "TLSv1.3":
+            # RFC 9266 §2: tls-exporter, label EXPORTER-Channel-Binding, 32 bytes
+            self.binding = connection.export_keying_material(
+                b"EXPORTER-Channel-Binding", 32
+            )
+        else:
+            # RFC 5929 §3.1: tls-unique is the first Finished message, which
+            # in a full handshake is the one the client sent.
+            self.binding = connection.get_finished()
+        if self.make_greeting is not None:
+            self.greeting = self.make_greeting(self.binding)
         if self.greeting:
             self.transport.write(self.greeting)
 
@@ -683,19 +716,179 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual([name.CN for name in names], ["fio-device-ca"])
 
 
+# --- Channel bindings and the re-enrollment grace -----------------------------------
+
+
+class ChannelBindingTests(SynchronousTestCase):
+    """``estd.tls.channel_binding``: what the client must put in challengePassword."""
+
+    def binding_pair(self, version: int) -> tuple[bytes | None, bytes | None, str]:
+        """The server's and the client's binding of one handshake, and the version."""
+        connection = connect(
+            client_for(
+                tls_pki().demo.devices[0], min_version=version, max_version=version
+            )
+        )
+        server = connection.server
+        assert server is not None and server.version is not None
+        return server.binding, connection.client.binding, server.version
+
+    def test_tls12_tls_unique(self) -> None:
+        """On TLS 1.2 the server's binding is the client's own Finished (tls-unique)."""
+        server, client, version = self.binding_pair(SSL.TLS1_2_VERSION)
+        self.assertEqual(version, "TLSv1.2")
+        assert client is not None
+        self.assertEqual(len(client), 12)  # verify_data of TLS 1.2 suites
+        self.assertEqual(server, client)
+
+    def test_tls13_tls_exporter(self) -> None:
+        """On TLS 1.3 the server's binding is the client's tls-exporter value."""
+        server, client, version = self.binding_pair(SSL.TLS1_3_VERSION)
+        self.assertEqual(version, "TLSv1.3")
+        assert client is not None
+        self.assertEqual(len(client), 32)
+        self.assertEqual(server, client)
+
+    def test_each_connection_has_its_own(self) -> None:
+        """Two connections of the same client have different bindings."""
+        for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+            first, _, _ = self.binding_pair(version)
+            second, _, _ = self.binding_pair(version)
+            self.assertNotEqual((version, first), (version, second))
+
+    def test_no_tls_no_binding(self) -> None:
+        """A transport without TLS has no channel binding."""
+        self.assertIsNone(channel_binding(StringTransport()))
+        self.assertIsNone(channel_binding(object()))
+
+
+def grace_config(grace: str, **files: bytes) -> Config:
+    """The module's demo configuration with ``reenroll-grace`` set to ``grace``."""
+    directory = tempfile.mkdtemp(prefix="estd-tls-test-")
+    try:
+        paths = {}
+        for key, data in files.items():
+            paths[key] = os.path.join(directory, key + ".pem")
+            with open(paths[key], "wb") as handle:
+                handle.write(data)
+        return demo_config(WALL_NOW, tls_pki().demo, reenroll_grace=grace, **paths)
+    finally:
+        shutil.rmtree(directory)
+
+
+def expired_for(issuer: Pair, days: int) -> Pair:
+    """A device certificate of ``issuer`` that expired ``days`` days ago."""
+    return device(
+        issuer,
+        not_before=WALL_NOW - datetime.timedelta(days=days + 10),
+        days=10,
+    )
+
+
+class ReenrollGraceTests(SynchronousTestCase):
+    """``reenroll-grace``: expired client certificates at the handshake."""
+
+    def test_within_grace(self) -> None:
+        """An expired certificate within the grace completes the handshake, marked."""
+        pki = tls_pki()
+        expired = expired_for(pki.demo.device_ca, days=29)
+        connection = connect(client_for(expired), config=grace_config("30d"))
+        server = connection.server
+        assert server is not None
+        self.assertEqual((server.handshook, server.failure_reason), (True, None))
+        assert server.identity is not None
+        self.assertEqual(
+            server.identity,
+            ClientIdentity(
+                certificate=expired.certificate,
+                chain=(expired.certificate, pki.demo.device_ca.certificate),
+                expired=True,
+            ),
+        )
+
+    def test_valid_certificate_not_marked(self) -> None:
+        """A certificate within its validity is not marked expired under a grace."""
+        connection = connect(
+            client_for(tls_pki().demo.devices[0]), config=grace_config("30d")
+        )
+        server = connection.server
+        assert server is not None and server.identity is not None
+        self.assertFalse(server.identity.expired)
+
+    def test_beyond_grace(self) -> None:
+        """An expired certificate beyond the grace is refused: it has expired."""
+        expired = expired_for(tls_pki().demo.device_ca, days=31)
+        connection = connect(client_for(expired), config=grace_config("30d"))
+        server = connection.server
+        assert server is not None
+        self.assertFalse(server.handshook)
+        self.assertIsNone(server.identity)
+        self.assertEqual(
+            server.failure_reason,
+            f"client certificate {subject_of(expired)}: it has expired",
+        )
+
+    def test_no_grace(self) -> None:
+        """With reenroll-grace 0 an expired certificate is refused as before."""
+        expired = expired_for(tls_pki().demo.device_ca, days=1)
+        connection = connect(client_for(expired), config=grace_config("0"))
+        server = connection.server
+        assert server is not None
+        self.assertFalse(server.handshook)
+        self.assertEqual(
+            server.failure_reason,
+            f"client certificate {subject_of(expired)}: it has expired",
+        )
+
+    def test_a_labels_grace_opens_the_handshake(self) -> None:
+        """A grace set only on a label lets the expired certificate through TLS."""
+        expired = expired_for(tls_pki().demo.device_ca, days=1)
+        config = load_ini(
+            "\n[label late]\nreenroll-grace = 30d\n", now=WALL_NOW, pki=tls_pki().demo
+        )
+        self.assertEqual(config.default.reenroll_grace, datetime.timedelta())
+        connection = connect(client_for(expired), config=config)
+        server = connection.server
+        assert server is not None and server.identity is not None
+        self.assertTrue(server.identity.expired)
+
+    def test_expired_intermediate_refused(self) -> None:
+        """The grace covers the client's own certificate, not an expired CA above it."""
+        pki = tls_pki()
+        old_intermediate = make_pair(
+            ca_name("expired-intermediate"),
+            pki.legacy_ca,
+            ca=True,
+            now=WALL_NOW,
+            not_before=WALL_NOW - datetime.timedelta(days=30),
+            days=29,
+        )
+        leaf = device(old_intermediate)
+        connection = connect(
+            client_for(leaf, old_intermediate.certificate),
+            config=grace_config("30d", client_cas=pki.legacy_ca.cert_pem()),
+        )
+        server = connection.server
+        assert server is not None
+        self.assertFalse(server.handshook)
+        self.assertEqual(
+            server.failure_reason,
+            f"chain certificate {subject_of(old_intermediate)}: it has expired",
+        )
+
+
 # --- EstChannel on top of TLS ---------------------------------------------------------
 
 
 class ChannelOverTLSTests(SynchronousTestCase):
     """The EST site behind ``ServerTLS``: handshake logging and a real mTLS renewal."""
 
-    def site_factory(self) -> object:
-        """The EST site for the module's configuration, on a clock at WALL_NOW."""
+    def site_factory(self, config: Config | None = None) -> object:
+        """The EST site for ``config`` (the module's), on a clock at WALL_NOW."""
         clock = ThreadlessClock()
         clock.advance(WALL_NOW.timestamp())
-        site = build_site(lambda: tls_pki().config, clock, SynchronousThreadPool())
-        site.reactor = clock  # see test_web.test_idle_timeout_runs_on_the_site_clock
-        return site
+        served = config or tls_pki().config
+        return build_site(lambda: served, clock, SynchronousThreadPool())
 
     def warnings(self, connection: Connection) -> list[dict[str, object]]:
         """The events at warn level or above."""
@@ -803,7 +996,97 @@ class ChannelOverTLSTests(SynchronousTestCase):
         self.assertIn(b"\r\n\r\n" + expected_cacerts, client.received)
         self.assertTrue(
             client.received.endswith(
-                b"\r\n\r\na client certificate is required for simplereenroll\n"
+                b"\r\n\r\nre-enrollment needs the client certificate being renewed\n"
             )
         )
         self.assertIn(b"HTTP/1.1 401 Unauthorized\r\n", client.received)
+
+    def pop_renewal(
+        self, version: int, challenge: Callable[[bytes], bytes]
+    ) -> tuple[bytes, Connection]:
+        """Renew with require-pop on, challengePassword = ``challenge(binding)``."""
+        device_pair = tls_pki().demo.devices[0]
+
+        def request(binding: bytes) -> bytes:
+            builder = x509.CertificateSigningRequestBuilder().subject_name(
+                device_pair.certificate.subject
+            )
+            builder = builder.add_attribute(
+                AttributeOID.CHALLENGE_PASSWORD, challenge(binding)
+            )
+            csr = builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+            body = one_line_base64(csr.public_bytes(serialization.Encoding.DER))
+            return (
+                b"POST /.well-known/est/simplereenroll HTTP/1.1\r\n"
+                b"Host: localhost\r\n"
+                b"Content-Type: application/pkcs10\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+        client = ClientSide(make_greeting=request)
+        config = demo_config(WALL_NOW, tls_pki().demo, require_pop="yes")
+        connection = connect(
+            client_for(device_pair, min_version=version, max_version=version),
+            config=config,
+            server_factory=self.site_factory(config),
+            client=client,
+        )
+        return client.received, connection
+
+    def test_proof_of_possession_over_tls(self) -> None:
+        """A CSR carrying its connection's binding in base64 renews (TLS 1.2, 1.3)."""
+        for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+            received, _ = self.pop_renewal(version, base64.b64encode)
+            status, _, payload = parse_raw_response(received)
+            self.assertEqual((version, status), (version, b"HTTP/1.1 201 Created"))
+            self.assertEqual(len(pkcs7_certificates(payload)), 1)
+
+    def test_proof_of_possession_wrong_binding_over_tls(self) -> None:
+        """A CSR carrying another binding (here a changed one) gets 401 over TLS."""
+        for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+            received, _ = self.pop_renewal(
+                version, lambda binding: base64.b64encode(bytes(len(binding)))
+            )
+            status, _, body = parse_raw_response(received)
+            self.assertEqual(
+                (version, status, body),
+                (
+                    version,
+                    b"HTTP/1.1 401 Unauthorized",
+                    b"Proof of possession mismatch\n",
+                ),
+            )
+
+    def test_expired_renewal_within_grace_over_tls(self) -> None:
+        """An expired device within the grace renews over mutual TLS; logged as such."""
+        pki = tls_pki()
+        expired = expired_for(pki.demo.device_ca, days=2)
+        _, csr = fioconfig_csr(expired.certificate.subject)
+        body = one_line_base64(csr)
+        client = ClientSide(
+            greeting=b"POST /.well-known/est/simplereenroll HTTP/1.1\r\n"
+            b"Host: localhost\r\n"
+            b"Content-Type: application/pkcs10\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        config = grace_config("30d")
+        connection = connect(
+            client_for(expired),
+            config=config,
+            server_factory=self.site_factory(config),
+            client=client,
+        )
+        status, _, payload = parse_raw_response(client.received)
+        self.assertEqual(status, b"HTTP/1.1 201 Created")
+        (issued,) = pkcs7_certificates(payload)
+        self.assertEqual(issued.subject, expired.certificate.subject)
+        self.assertGreater(issued.not_valid_after_utc, WALL_NOW)
+        (line,) = [e for e in connection.events if e.get("status") is not None]
+        self.assertEqual(
+            (line["status"], line["client_subject"], line["client_expired"]),
+            (201, subject_of(expired), True),
+        )
+        self.assertIn(
+            "(expired client certificate, within re-enrollment grace)",
+            formatEvent(line),
+        )

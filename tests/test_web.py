@@ -25,12 +25,14 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+import estd.site
 import estd.web
 from estd.ca import serial_hex
 from estd.config import Config
 from estd.demo import Pair
-from estd.policy import ClientIdentity
-from estd.web import EstSite, build_site
+from estd.identity import ClientIdentity
+from estd.site import EstSite
+from estd.web import build_site
 from estd.wire import raw_subject_of_certificate, raw_subject_of_csr
 from tests.pki import demo_config, demo_pki, fioconfig_csr, one_line_base64
 
@@ -202,18 +204,14 @@ class ResourceTestCase(SynchronousTestCase):
         self.identity = identity_of(demo_pki().devices[0])
         # StubTreq has no TLS: the seam is the one function that reads the
         # client certificate off the connection.
-        self.patch(estd.web, "client_identity", lambda transport: self.identity)
+        self.patch(estd.site, "client_identity", lambda transport: self.identity)
         self.clock = ThreadlessClock()
         self.clock.advance(1_800_000_000)
         self.threadpool: SynchronousThreadPool = SynchronousThreadPool()
 
     def site(self) -> EstSite:
         """The EST site for the current config, clock and pool."""
-        site = build_site(lambda: self.config, self.clock, self.threadpool)
-        # estd bug (see test_idle_timeout_runs_on_the_site_clock): EstSite
-        # leaves HTTPFactory on the global reactor; keep our tests off it.
-        site.reactor = self.clock
-        return site
+        return build_site(lambda: self.config, self.clock, self.threadpool)
 
     def client(self) -> StubTreq:
         """A treq client whose requests reach our EstSite in memory."""
@@ -469,18 +467,17 @@ class EnrollmentErrorTests(ResourceTestCase):
         self.identity = None
         csr = reenroll_csr(demo_pki().devices[0])
         response, body = self.reenroll(one_line_base64(csr))
-        self.assert_error(
-            response, body, 401, "a client certificate is required for simplereenroll"
-        )
+        reason = "re-enrollment needs the client certificate being renewed"
+        self.assert_error(response, body, 401, reason)
+        self.assertIsNone(header(response, "WWW-Authenticate"))
 
     def test_anonymous_enroll(self) -> None:
         """simpleenroll without a client certificate gets 401."""
         self.identity = None
         csr = reenroll_csr(demo_pki().devices[0])
         response, body = self.reenroll(one_line_base64(csr), path=ENROLL)
-        self.assert_error(
-            response, body, 401, "a client certificate is required for simpleenroll"
-        )
+        self.assert_error(response, body, 401, "a client certificate is required")
+        self.assertIsNone(header(response, "WWW-Authenticate"))
 
     def test_subject_mismatch(self) -> None:
         """Renewing with another device's subject gets 403."""
@@ -554,7 +551,7 @@ class EnrollmentErrorTests(ResourceTestCase):
         """A bug while enrolling gets a bland 500; the traceback goes to the log."""
         secret = "the CA database is on fire at /srv/secret-path"
 
-        def broken_enroll(*args: object) -> None:
+        def broken_enroll(settings: object, request: object, now: object) -> None:
             raise RuntimeError(secret)
 
         self.patch(estd.web, "enroll", broken_enroll)
@@ -659,15 +656,14 @@ class NotFoundTests(ResourceTestCase):
         for path in ("/.well-known/est", "/.well-known/est/"):
             self.assert_not_found("GET", path, "no EST operation in the path")
 
-    def test_operations_not_served_yet(self) -> None:
-        """csrattrs, serverkeygen and fullcmc get 404 saying they are not supported."""
-        for name in ("csrattrs", "serverkeygen", "fullcmc"):
-            for method in ("GET", "POST"):
-                self.assert_not_found(
-                    method,
-                    "/.well-known/est/" + name,
-                    f"the EST operation {name} is not supported",
-                )
+    def test_serverkeygen_off_by_default(self) -> None:
+        """/serverkeygen gets 404 saying how to turn it on, whatever the method."""
+        for method in ("GET", "POST"):
+            self.assert_not_found(
+                method,
+                "/.well-known/est/serverkeygen",
+                "serverkeygen is not enabled here (serverkeygen = yes turns it on)",
+            )
 
     def test_extra_segment_after_operation(self) -> None:
         """A path segment after the operation gets 404."""
@@ -692,11 +688,10 @@ class WireTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.device = demo_pki().devices[0]
         self.identity: ClientIdentity | None = identity_of(self.device)
-        self.patch(estd.web, "client_identity", lambda transport: self.identity)
+        self.patch(estd.site, "client_identity", lambda transport: self.identity)
         self.clock = ThreadlessClock()
         self.clock.advance(1_800_000_000)
         self.site = build_site(fioconfig_config, self.clock, SynchronousThreadPool())
-        self.site.reactor = self.clock  # see test_idle_timeout_runs_on_the_site_clock
         self.channel = self.site.buildProtocol(None)
         self.transport = WriteCountingTransport()
         self.channel.makeConnection(self.transport)

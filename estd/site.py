@@ -1,0 +1,236 @@
+"""The HTTP layer under the EST resources: requests, channel, site.
+
+What EST clients need from HTTP beyond twisted.web's defaults lives here:
+Content-Length on every response and header plus body in one write
+(strongSwan's ``pki`` reads the response in one go), bodies over 64 KiB
+refused before they are read, TLS handshake failures logged once with their
+reason, and one log line per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from zope.interface import implementer
+
+from estd.enrollment import Enrollment
+from estd.errors import PayloadTooLarge
+from estd.identity import ClientIdentity
+from estd.tls import client_identity, handshake_failure_reason
+from estd.wire import MAX_BODY_BYTES
+
+log = Logger(namespace="estd")
+
+
+class EstRequest(server.Request):
+    """A request that knows its start time, its client and what it issued."""
+
+    est_client: ClientIdentity | None = None
+    est_issued: Enrollment | None = None
+    est_client_gone = False
+    _body_refused = False
+    _body_seen = 0
+
+    def __init__(self, channel: EstChannel, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        # Kept here: Request.channel is cleared when the connection is lost.
+        self.est_site: EstSite = channel.site  # type: ignore[attr-defined]
+        self.started_at = self.est_site.clock.seconds()
+
+    @property
+    def log_address(self) -> str:
+        """The client's IP address (or '?'), for logs and throttling."""
+        return str(getattr(self.getClientAddress(), "host", "?"))
+
+    @property
+    def log_path(self) -> str:
+        """The request path for logs, printable and bounded."""
+        path = (self.uri or b"").split(b"?", 1)[0][:256]
+        return path.decode("ascii", "backslashreplace")
+
+    def gotLength(self, length: int | None) -> None:
+        """Refuse an announced oversized body before reading any of it."""
+        super().gotLength(length)
+        if length is not None and length > MAX_BODY_BYTES:
+            self._refuse_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Store body bytes up to the limit (chunked bodies have no length)."""
+        if self._body_refused:
+            return
+        self._body_seen += len(data)
+        if self._body_seen > MAX_BODY_BYTES:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse_body(self) -> None:
+        # Answer 413 at once and close: RFC 9110 §15.5.14 allows closing,
+        # and reading a body we will not use only costs memory.
+        self._body_refused = True
+        # Site.log wants the request line, which Request only sets later.
+        self.method = self.channel._command
+        self.uri = self.channel._path
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" now
+        error = PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
+        body = error.reason.encode() + b"\n"
+        raw = (
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Server: estd\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(body)
+        ) + body
+        self.code = 413
+        self.sentLength = len(body)
+        self.channel.persistent = False
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(raw)
+        self.est_site.log(self)
+        transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Process the request unless its body was already refused."""
+        if self._body_refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        """Note the verified client certificate before the resource runs."""
+        self.est_client = client_identity(self.channel.transport)
+        self.est_site.request_started()
+        self.notifyFinish().addBoth(self.est_site.request_finished)
+        super().process()
+
+
+@implementer(IHandshakeListener)
+class EstChannel(http.HTTPChannel):
+    """An HTTP channel that logs TLS handshake failures and writes once."""
+
+    _handshake_done = False
+    _held_headers: bytes = b""
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up; from now on a disconnect is no handshake failure."""
+        self._handshake_done = True
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Log a failed handshake once, with its reason and no traceback."""
+        if not self._handshake_done:
+            peer = self.transport.getPeer() if self.transport is not None else None
+            log.warn(
+                "TLS handshake with {client_address} failed: {tls_failure}",
+                client_address=getattr(peer, "host", "?"),
+                tls_failure=handshake_failure_reason(self.transport, reason),
+            )
+        super().connectionLost(reason)
+
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any
+    ) -> None:
+        """Hold the header block so that it leaves with the body."""
+        lines = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.extend((name, b": ", value, b"\r\n"))
+        lines.append(b"\r\n")
+        self._held_headers = b"".join(lines)
+
+    def write(self, data: bytes) -> None:
+        """Write ``data``, preceded by any held header block."""
+        if self._held_headers:
+            data, self._held_headers = self._held_headers + data, b""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        """Write the pieces as one, preceded by any held header block."""
+        self.write(b"".join(iovec))
+
+    def requestDone(self, request: http.Request) -> None:
+        """Flush a header-only response before the channel moves on."""
+        if self._held_headers:
+            self.write(b"")
+        super().requestDone(request)
+
+
+class EstSite(server.Site):
+    """The site: our request and channel classes, and one log line per request."""
+
+    requestFactory = EstRequest
+    protocol = EstChannel  # type: ignore[assignment]
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, root: resource.Resource, clock: IReactorTime) -> None:
+        super().__init__(root, reactor=clock)
+        self.clock = clock
+        self.in_flight = 0
+        self._drain_waiters: list[defer.Deferred[None]] = []
+
+    def request_started(self) -> None:
+        """Count a request being processed."""
+        self.in_flight += 1
+
+    def request_finished(self, _: object = None) -> None:
+        """Count a request done (answered, or its client gone)."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drained(self) -> defer.Deferred[None]:
+        """A Deferred that fires once no request is in flight."""
+        if self.in_flight == 0:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def log(self, request: EstRequest) -> None:  # type: ignore[override]
+        """One line: who, what, outcome, size, time, client cert, issuance."""
+        peer = request.getClientAddress()
+        fields: dict[str, Any] = {
+            "client_address": getattr(peer, "host", "?"),
+            "method": request.method.decode("ascii", "replace"),
+            "path": request.log_path,
+            "status": request.code,
+            "bytes": request.sentLength,
+            "duration_ms": round((self.clock.seconds() - request.started_at) * 1000, 1),
+            "client_subject": None,
+            "client_serial": None,
+            "issued_serial": None,
+            "issued_not_after": None,
+        }
+        text = '{client_address} "{method} {path}" {status} {bytes}B {duration_ms}ms'
+        client = request.est_client
+        if client is not None:
+            fields["client_subject"] = client.subject_text
+            fields["client_serial"] = client.serial_hex
+            text += ' client="{client_subject}" client_serial={client_serial}'
+        if request.est_issued is not None:
+            requester = request.est_issued.requester
+            if requester.user is not None:
+                fields["user"] = requester.user
+                text += " user={user}"
+            if requester.client is not None and requester.client.expired:
+                fields["client_expired"] = True
+                text += " (expired client certificate, within re-enrollment grace)"
+            issued = request.est_issued.issued
+            fields["issued_serial"] = issued.serial_hex
+            fields["issued_not_after"] = (
+                issued.certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+            )
+            text += " issued_serial={issued_serial} not_after={issued_not_after}"
+        fields["client_gone"] = request.est_client_gone
+        if request.est_client_gone:
+            text += " (client gone before the response)"
+        log.info(text, **fields)
