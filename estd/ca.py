@@ -199,6 +199,52 @@ class CertificateAuthority:
             raise BadRequest("the CSR subject uses an encoding estd cannot reproduce")
         return IssuedCertificate(certificate)
 
+    @property
+    def can_sign_crls(self) -> bool:
+        """True unless the CA's KeyUsage leaves out cRLSign (RFC 5280 §4.2.1.3)."""
+        try:
+            usage = self.certificate.extensions.get_extension_for_class(
+                x509.KeyUsage
+            ).value
+        except x509.ExtensionNotFound:
+            return True
+        return bool(usage.crl_sign)
+
+    def sign_crl(
+        self,
+        revoked: Sequence[tuple[int, datetime.datetime, str]],
+        now: datetime.datetime,
+        next_update: datetime.datetime,
+        number: int,
+    ) -> bytes:
+        """A DER CRL listing ``revoked`` (serial, revocation time, reason name)."""
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now)
+            .next_update(next_update)
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(self._authority_key_identifier, critical=False)
+        )
+        for serial, revoked_at, reason in revoked:
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(revoked_at)
+            )
+            flag = _REASONS.get(reason)
+            if flag is not None and flag is not x509.ReasonFlags.unspecified:
+                # RFC 5280 §5.3.1: omit the reason code rather than say
+                # "unspecified".
+                entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
+        crl = builder.sign(self._key, self._hash)  # type: ignore[arg-type]
+        return crl.public_bytes(serialization.Encoding.DER)
+
+
+_REASONS = {flag.name: flag for flag in x509.ReasonFlags}
+_REASONS.update({flag.value: flag for flag in x509.ReasonFlags})
+
 
 def check_ca_certificate(certificate: x509.Certificate) -> None:
     """Raise ``ValueError`` unless ``certificate`` may sign certificates."""

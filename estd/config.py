@@ -76,6 +76,17 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("tls-key", "server TLS private key, PEM", required=True, is_path=True),
     Key("threads", "size of the signing thread pool", "4"),
+    Key(
+        "state-dir",
+        "directory for estd's state (the SQLite ledger); default: est.ini's",
+        is_path=True,
+    ),
+    Key(
+        "ledger",
+        "where issued certificates are recorded: sqlite (in state-dir), "
+        "sqlite:///PATH or postgresql://USER@HOST/DB",
+        "sqlite",
+    ),
     _label_key(
         "root-cert",
         "factory root CA certificate(s) served by /cacerts, PEM",
@@ -152,6 +163,23 @@ KEYS: tuple[Key, ...] = (
         "no",
     ),
     _label_key(
+        "approval",
+        "auto, or manual: requests wait (202) for estctl approve",
+        "auto",
+    ),
+    _label_key("approval-retry-after", "Retry-After seconds of a 202", "300"),
+    _label_key("pending-expiry", "how long a request waits for approval", "7d"),
+    _label_key(
+        "max-issuance-per-day",
+        "certificates one subject may get per 24 hours; 0 = no limit",
+        "0",
+    ),
+    _label_key(
+        "revoke-superseded",
+        "revoke a subject's earlier certificates when it renews",
+        "no",
+    ),
+    _label_key(
         "reenroll-grace",
         "how long after expiry a certificate may still re-enroll (0 = never)",
         "0",
@@ -182,6 +210,11 @@ class LabelConfig:
     realm: str = "estd"
     require_pop: bool = False
     reenroll_grace: datetime.timedelta = datetime.timedelta()
+    manual_approval: bool = False
+    approval_retry_after: int = 300
+    pending_expiry: datetime.timedelta = datetime.timedelta(days=7)
+    max_issuance_per_day: int = 0
+    revoke_superseded: bool = False
 
     @property
     def trust_anchors(self) -> tuple[x509.Certificate, ...]:
@@ -209,6 +242,7 @@ class Config:
     tls_key: CAPrivateKey = field(repr=False)
     threads: int
     labels: Mapping[str, LabelConfig]
+    ledger_url: str = "sqlite:///estd.sqlite3"
 
     @property
     def default(self) -> LabelConfig:
@@ -232,9 +266,18 @@ _SHA256 = hashes.SHA256()
 
 LABEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 OPERATION_NAMES = frozenset(
-    {"cacerts", "simpleenroll", "simplereenroll", "csrattrs", "serverkeygen", "fullcmc"}
+    {
+        "cacerts",
+        "simpleenroll",
+        "simplereenroll",
+        "csrattrs",
+        "serverkeygen",
+        "fullcmc",
+        "crl",
+    }
 )
-"""RFC 7030 §3.2.2 operation path segments; none of them can be a label."""
+"""RFC 7030 §3.2.2 operation path segments, and estd's ``crl``; none of
+them can be a label."""
 
 
 # --- Values ------------------------------------------------------------------
@@ -553,6 +596,7 @@ def load_config(
         tls_key=tls_key,
         threads=threads,
         labels=MappingProxyType(labels),
+        ledger_url=ledger_url(settings, config_path),
     )
 
 
@@ -630,6 +674,15 @@ class _LabelLoader:
             reenroll_grace=settings.parse(
                 "reenroll-grace", lambda t: parse_duration(t, allow_zero=True)
             ),
+            manual_approval=settings.parse("approval", _approval),
+            approval_retry_after=settings.parse(
+                "approval-retry-after", lambda t: _integer(t, 1, 86400)
+            ),
+            pending_expiry=settings.parse("pending-expiry", parse_duration),
+            max_issuance_per_day=settings.parse(
+                "max-issuance-per-day", lambda t: _integer(t, 0, 1_000_000)
+            ),
+            revoke_superseded=settings.parse("revoke-superseded", _boolean),
         )
 
     def _authority(self, settings: _Settings) -> CertificateAuthority:
@@ -676,6 +729,31 @@ class _LabelLoader:
             except ValueError as exc:
                 raise settings.error("users-file", f"{path}: {exc}") from None
         return self._users[path]
+
+
+def _approval(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("auto", "manual"):
+        raise ValueError(f"{text!r} is not auto or manual")
+    return value == "manual"
+
+
+def ledger_url(settings: _Settings, config_path: str | None) -> str:
+    """The ledger's database URL; plain ``sqlite`` lives in the state dir."""
+    text = (settings.text("ledger") or "sqlite").strip()
+    if text.startswith(("postgresql://", "postgres://", "sqlite:///")):
+        return text
+    if text != "sqlite":
+        raise settings.error(
+            "ledger", f"{text!r} is not sqlite, sqlite:///PATH or postgresql://..."
+        )
+    state_dir = settings.path("state-dir")
+    if state_dir is None:
+        base = os.path.dirname(os.path.abspath(config_path)) if config_path else "."
+        state_dir = os.path.abspath(base)
+    if not os.path.isdir(state_dir):
+        raise settings.error("state-dir", f"{state_dir} is not a directory")
+    return "sqlite:///" + os.path.join(state_dir, "estd.sqlite3")
 
 
 def _key_type(text: str) -> str:

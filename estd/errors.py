@@ -67,6 +67,28 @@ class UnsupportedMediaType(EstError):
     status = 415
 
 
+class TooManyRequests(EstError):
+    """The client asked too often; retry later (429)."""
+
+    status = 429
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason, headers={"Retry-After": str(retry_after)})
+
+
+class PendingApproval(EstError):
+    """The request waits for an operator's decision (202, RFC 7030 §4.2.3).
+
+    Not a failure, but answered like one: a short text body and an integer
+    Retry-After telling the client when to ask again.
+    """
+
+    status = 202
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason, headers={"Retry-After": str(retry_after)})
+
+
 class ServiceUnavailable(EstError):
     """The server cannot take the request now; retry later (503)."""
 

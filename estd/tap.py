@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import datetime
+import re
 import sys
 from collections.abc import Generator
 from typing import Any, ClassVar
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from estd import __version__
 from estd.config import KEYS, Config, Key, load_config
 from estd.errors import ConfigError
+from estd.ledger import Ledger, LedgerError
 from estd.site import EstSite
 from estd.tls import ServerTLS
 from estd.web import build_site
@@ -165,10 +169,74 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             options["config"], options.key_values(), datetime.datetime.now(datetime.UTC)
         )
         endpoint = _endpoint(reactor, config)
+        ledger = open_ledger(config)
     except ConfigError as error:
         sys.stderr.write(f"estd: configuration error: {error}\n")
         raise SystemExit(2) from None
-    return build_service(config, reactor, endpoint)
+    return build_service(config, reactor, endpoint, ledger)
+
+
+def open_ledger(config: Config) -> Ledger:
+    """Open the ledger and apply its migrations, or fail like a config error.
+
+    Done before listening: a server that cannot record what it issues must
+    not start issuing.
+    """
+    try:
+        return Ledger.open(config.ledger_url)
+    except (LedgerError, OSError) as exc:
+        raise ConfigError(
+            "ledger", config.source, f"cannot open {_shown(config.ledger_url)}: {exc}"
+        ) from None
+
+
+def _shown(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+class LedgerService(service.Service):
+    """Expires pending requests hourly and closes the ledger on stop."""
+
+    def __init__(self, ledger: Ledger, reactor: Any, threadpool: ThreadPool) -> None:
+        self.ledger = ledger
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        """Start the hourly expiry of pending requests."""
+        super().startService()
+        self._loop = task.LoopingCall(self._expire)
+        self._loop.clock = self.reactor
+        self._loop.start(3600, now=True).addErrback(
+            lambda reason: log.failure("pending-request expiry stopped", reason)
+        )
+
+    def _expire(self) -> defer.Deferred[None]:
+        now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
+        work = deferToThreadPool(
+            self.reactor, self.threadpool, self.ledger.expire_pending, now
+        )
+
+        def expired(count: int) -> None:
+            if count:
+                log.info("{count} pending request(s) expired", count=count)
+
+        def failed(reason: Failure) -> None:
+            log.warn(
+                "cannot expire pending requests: {error}",
+                error=reason.getErrorMessage(),
+            )
+
+        return work.addCallbacks(expired, failed)
+
+    def stopService(self) -> None:
+        """Stop the loop and close the database connections."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.ledger.close()
 
 
 def _endpoint(reactor: Any, config: Config) -> Any:
@@ -182,17 +250,21 @@ def _endpoint(reactor: Any, config: Config) -> Any:
         ) from None
 
 
-def build_service(config: Config, reactor: Any, endpoint: Any) -> service.MultiService:
+def build_service(
+    config: Config, reactor: Any, endpoint: Any, ledger: Ledger | None = None
+) -> service.MultiService:
     """Wire a validated configuration to an endpoint: TLS, site, thread pool."""
     holder = ConfigHolder(config)
     threadpool = ThreadPool(
         minthreads=0, maxthreads=config.threads, name="estd-signing"
     )
-    site = build_site(holder, reactor, threadpool)
+    site = build_site(holder, reactor, threadpool, ledger=ledger)
     factory = TLSMemoryBIOFactory(ServerTLS(holder), False, site)
     factory.noisy = False
     top = OrderedMultiService()
     ThreadPoolService(threadpool).setServiceParent(top)
+    if ledger is not None:
+        LedgerService(ledger, reactor, threadpool).setServiceParent(top)
     DrainService(site, reactor, SHUTDOWN_TIMEOUT).setServiceParent(top)
     listener = StreamServerEndpointService(endpoint, factory)
     listener._raiseSynchronously = True

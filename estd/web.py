@@ -25,19 +25,22 @@ from twisted.web import resource, server
 
 from estd.auth import FailureThrottle, parse_basic_authorization
 from estd.config import OPERATION_NAMES, Config, LabelConfig
-from estd.enrollment import Enrollment, EnrollmentRequest, enroll
+from estd.crl import CrlPublisher
+from estd.enrollment import LEDGER_RETRY_AFTER, Enrollment, EnrollmentRequest, enroll
 from estd.errors import (
     EstError,
     MethodNotAllowed,
     NotFound,
     NotImplementedOperation,
+    ServiceUnavailable,
     UnsupportedMediaType,
 )
 from estd.identity import BadCredentials
+from estd.ledger import Ledger, LedgerUnavailable
 from estd.policy import Operation
 from estd.site import EstRequest, EstSite
 from estd.tls import channel_binding
-from estd.wire import CSRATTRS, PKCS7_MIME, PKCS10, encode_base64, media_type
+from estd.wire import CSRATTRS, PKCS7_MIME, PKCS10, PKIX_CRL, encode_base64, media_type
 
 log = Logger(namespace="estd")
 
@@ -168,6 +171,18 @@ class Machinery:
     """Provides IReactorTime and IReactorFromThreads."""
     threadpool: ThreadPool
     throttle: FailureThrottle
+    ledger: Ledger | None = None
+    crls: CrlPublisher | None = None
+
+    def now(self) -> datetime.datetime:
+        """The reactor's time as an aware UTC datetime."""
+        return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
+
+    def in_thread(
+        self, function: Callable[..., Any], *args: Any
+    ) -> defer.Deferred[Any]:
+        """Run ``function(*args)`` in the signing thread pool."""
+        return deferToThreadPool(self.reactor, self.threadpool, function, *args)
 
 
 class CsrAttrsResource(EstResource):
@@ -186,6 +201,41 @@ class CsrAttrsResource(EstResource):
             return defer.succeed(EstResponse(204, None, b""))
         body = encode_base64(attrs.der, self._settings.base64_line_length)
         return defer.succeed(EstResponse(200, CSRATTRS, body, base64=True))
+
+
+class CrlResource(EstResource):
+    """``/crl``: the label's EST CA's current CRL (DER, not base64)."""
+
+    allowed_methods = ("GET", "HEAD")
+
+    def __init__(self, settings: LabelConfig, machinery: Machinery) -> None:
+        super().__init__()
+        self._settings = settings
+        self._machinery = machinery
+
+    def serve_GET(self, request: EstRequest) -> defer.Deferred[EstResponse]:
+        """Read revocations and sign (or reuse) the CRL in a thread."""
+        machinery = self._machinery
+        crls = machinery.crls
+        ca = self._settings.ca
+        if crls is None:
+            raise NotFound("no CRL: this server keeps no ledger")
+        if not ca.can_sign_crls:
+            raise NotFound("no CRL: the EST CA's KeyUsage does not allow cRLSign")
+
+        def made(der: bytes) -> EstResponse:
+            return EstResponse(200, PKIX_CRL, der)
+
+        def unavailable(reason: Failure) -> Failure:
+            if reason.check(LedgerUnavailable):
+                raise ServiceUnavailable(
+                    "the issuance ledger is unavailable; retry later",
+                    LEDGER_RETRY_AFTER,
+                )
+            return reason
+
+        work = machinery.in_thread(crls.crl, ca, machinery.now())
+        return work.addCallbacks(made, unavailable)
 
 
 class FullCmcResource(EstResource):
@@ -238,20 +288,20 @@ class EnrollResource(EstResource):
             credentials=credentials,
             channel_binding=channel_binding(request.channel.transport),
             server_keygen=self._server_keygen,
+            client_address=request.log_address,
         )
         address = request.log_address
         throttle = self._machinery.throttle
         reactor = self._machinery.reactor
 
         def run(_: object) -> defer.Deferred[Enrollment]:
-            now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
-            return deferToThreadPool(
-                reactor,
-                self._machinery.threadpool,
+            machinery = self._machinery
+            return machinery.in_thread(
                 enroll,
                 self._settings,
                 enrollment_request,
-                now,
+                machinery.now(),
+                machinery.ledger,
             )
 
         def counted(outcome: Enrollment | Failure) -> Enrollment | Failure:
@@ -307,6 +357,8 @@ def operation_resource(
         return CsrAttrsResource(settings)
     if name == "fullcmc":
         return FullCmcResource()
+    if name == "crl":
+        return CrlResource(settings, machinery)
     if name == "serverkeygen":
         if not settings.serverkeygen:
             return NotFoundResource(
@@ -394,12 +446,15 @@ def build_site(
     reactor: Any,
     threadpool: ThreadPool,
     throttle: FailureThrottle | None = None,
+    ledger: Ledger | None = None,
 ) -> EstSite:
     """The whole EST site for a configuration source."""
     machinery = Machinery(
         reactor=reactor,
         threadpool=threadpool,
         throttle=throttle if throttle is not None else FailureThrottle(reactor.seconds),
+        ledger=ledger,
+        crls=CrlPublisher(ledger) if ledger is not None else None,
     )
     est = EstDirectory(config_source, machinery)
     return EstSite(RootResource(est), reactor)

@@ -55,6 +55,7 @@ PKCS7_MIME = "application/pkcs7-mime"
 PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 PKCS10 = "application/pkcs10"
 CSRATTRS = "application/csrattrs"
+PKIX_CRL = "application/pkix-crl"
 
 
 def media_type(header_value: bytes | str | None) -> str:

@@ -707,6 +707,11 @@ def test_label_inherits_every_unset_key(ini: Path, users: Path) -> None:
         "realm": "factory",
         "require-pop": "yes",
         "reenroll-grace": "30d",
+        "approval": "manual",
+        "approval-retry-after": "60",
+        "pending-expiry": "2d",
+        "max-issuance-per-day": "3",
+        "revoke-superseded": "yes",
     }
     per_label = {key.name for key in KEYS if key.per_label}
     # Set in the demo est.ini already, or (the passphrase) not applicable:
@@ -729,6 +734,11 @@ def test_label_inherits_every_unset_key(ini: Path, users: Path) -> None:
     assert fleet.users is config.default.users
     assert fleet.reenroll_grace == datetime.timedelta(days=30)
     assert fleet.cacerts_body == config.default.cacerts_body
+    assert fleet.manual_approval is True
+    assert fleet.approval_retry_after == 60
+    assert fleet.pending_expiry == datetime.timedelta(days=2)
+    assert fleet.max_issuance_per_day == 3
+    assert fleet.revoke_superseded is True
 
 
 def test_label_inherits_command_line_overrides(ini: Path) -> None:

@@ -19,6 +19,13 @@ from estd.tap import DrainService, Options, OrderedMultiService, makeService
 from tests.pki import write_pki
 
 
+class _Reactor(MemoryReactorClock):
+    """A memory reactor that also takes results from the thread pool."""
+
+    def callFromThread(self, f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        f(*args, **kwargs)
+
+
 def _options(*argv: str) -> Options:
     options = Options()
     options.parseOptions(list(argv))
@@ -58,7 +65,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_listens_with_tls(self) -> None:
         """The service listens on the configured endpoint with TLS wrapping the site."""
-        reactor = MemoryReactorClock()
+        reactor = _Reactor()
         options = _options(
             "--config", self.ini, "--listen", "tcp:18443:interface=127.0.0.1"
         )

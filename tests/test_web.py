@@ -551,7 +551,7 @@ class EnrollmentErrorTests(ResourceTestCase):
         """A bug while enrolling gets a bland 500; the traceback goes to the log."""
         secret = "the CA database is on fire at /srv/secret-path"
 
-        def broken_enroll(settings: object, request: object, now: object) -> None:
+        def broken_enroll(*args: object) -> None:
             raise RuntimeError(secret)
 
         self.patch(estd.web, "enroll", broken_enroll)
