@@ -756,6 +756,12 @@ def ledger_url(settings: _Settings, config_path: str | None) -> str:
     return "sqlite:///" + os.path.join(state_dir, "estd.sqlite3")
 
 
+def ledger_location(config_path: str) -> str:
+    """The ledger URL est.ini names, without loading certificates or keys."""
+    settings, _ = _gather(config_path, {})
+    return ledger_url(settings, config_path)
+
+
 def _key_type(text: str) -> str:
     value = text.strip().lower()
     if value not in KEY_TYPES:

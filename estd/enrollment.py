@@ -144,8 +144,6 @@ def _enroll(
             raise BadRequest(
                 "the CSR lacks what /csrattrs asks for: " + "; ".join(missing)
             )
-    if ledger is not None and settings.max_issuance_per_day:
-        _check_rate(ledger, settings, csr, now)
     pending: PendingRow | None = None
     if settings.manual_approval:
         if ledger is None:  # pragma: no cover - the service always has one
@@ -164,6 +162,10 @@ def _enroll(
         if earlier is not None:
             return earlier
 
+    if ledger is not None and settings.max_issuance_per_day:
+        # Counted only when a new certificate would be made: the same CSR
+        # polled after its approval gets its certificate again for free.
+        _check_rate(ledger, settings, csr, now)
     key: CAPrivateKey | None = None
     if request.server_keygen:
         key = generate_key(settings.serverkeygen_key_type, csr.public_key())

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PrivateKeyTypes,
 )
 
-from estd import __version__
+from estd import __version__, admin
 from estd.client import (
     KEY_TYPES,
     EstClient,
@@ -543,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     passwd.add_argument("--password-file", help="file whose first line is the password")
     passwd.set_defaults(run=_passwd)
+
+    admin.add_commands(commands)
     return parser
 
 
@@ -557,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EstClientError as exc:
         print(f"estctl: the server refused {args.command}: {exc}", file=sys.stderr)
         return 1
-    except EstFailure as exc:
+    except (EstFailure, admin.CommandError) as exc:
         print(f"estctl: {exc}", file=sys.stderr)
         return 1
     return status

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from twisted.internet import defer
@@ -68,11 +69,20 @@ def error_response(error: EstError) -> EstResponse:
     )
 
 
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
+
+
 def write_response(request: EstRequest, response: EstResponse) -> None:
     """Send ``response`` unless the client went away meanwhile."""
     if request.finished or request._disconnected:
         return
-    request.setResponseCode(response.status)
+    # Twisted has no reason phrase for some statuses (429); BouncyCastle
+    # wants one in every status line.
+    request.setResponseCode(response.status, _reason_phrase(response.status))
     request.responseHeaders.setRawHeaders(b"Server", [b"estd"])
     if response.content_type is not None:
         request.responseHeaders.setRawHeaders(
