@@ -66,6 +66,16 @@ def parse_serial(text: str) -> int:
         raise CommandError(f"{text!r} is not a hexadecimal serial number") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def _date(text: str) -> datetime.datetime:
     """YYYY-MM-DD or an ISO 8601 time; UTC unless it says otherwise."""
     try:
@@ -191,7 +201,8 @@ def certs_show(args: argparse.Namespace) -> int:
         return 0
     width = max(len(name) for name in fields)
     for name, value in fields.items():
-        print(f"{name.ljust(width)}  {'-' if value is None else value}")
+        shown = "-" if value is None or value == "" else value
+        print(f"{name.ljust(width)}  {shown}")
     return 0
 
 
@@ -228,9 +239,11 @@ def _revoke_subject(ledger: Ledger, subject: str, reason: str) -> list[int]:
     """By common name (``dev-1``) or by full RFC 4514 subject (``CN=dev-1,...``)."""
     if "=" in subject:
         return ledger.revoke(subject=subject, reason=reason, at=_now())
+    # Search for the escaped RFC 4514 form ("Line 3\\, Bay 2"), then check.
+    escaped = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     rows = [
         row
-        for row in ledger.certificates(subject=f"CN={subject}")
+        for row in ledger.certificates(subject=escaped.rfc4514_string())
         if _common_name(row) == subject
     ]
     if not rows:
@@ -287,6 +300,8 @@ def pending_list(args: argparse.Namespace) -> int:
     """estctl pending list: requests waiting for (or past) a decision."""
     ledger = _open(args)
     try:
+        # Requests past their expiry show as expired, as approve treats them.
+        ledger.expire_pending(_now())
         rows = ledger.pending_list(args.status)
     except ValueError as error:
         raise CommandError(str(error)) from None
@@ -339,6 +354,25 @@ def decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def reload(args: argparse.Namespace) -> int:
+    """estctl reload: send SIGHUP to the estd whose pidfile is given."""
+    import signal
+
+    try:
+        with open(args.pidfile, encoding="ascii") as handle:
+            pid = int(handle.read().strip())
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot read a pid from {args.pidfile}: {error}") from None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise CommandError(f"no process {pid} (stale {args.pidfile}?)") from None
+    except PermissionError:
+        raise CommandError(f"not allowed to signal process {pid}") from None
+    print(f"sent SIGHUP to estd (pid {pid}); its log says whether the reload worked")
+    return 0
+
+
 def _add_ledger_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--config", help="est.ini naming the ledger (default: $ESTD_CONFIG or est.ini)"
@@ -363,7 +397,7 @@ def add_commands(commands: Any) -> None:
     state.add_argument(
         "--not-revoked", dest="revoked", action="store_const", const=False
     )
-    listing.add_argument("--limit", type=int, help="at most N certificates")
+    listing.add_argument("--limit", type=_positive, help="at most N certificates")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     listing.set_defaults(run=certs_list)
     show = certs_commands.add_parser("show", help="one certificate")
@@ -387,7 +421,9 @@ def add_commands(commands: Any) -> None:
     revoking.add_argument(
         "--reason",
         default="unspecified",
-        choices=sorted(REVOCATION_REASONS),
+        # removeFromCRL belongs to delta CRLs (RFC 5280 §5.3.1), which estd
+        # does not publish.
+        choices=sorted(set(REVOCATION_REASONS) - {"removeFromCRL"}),
         help="RFC 5280 reason (default: unspecified)",
     )
     revoking.set_defaults(run=revoke)
@@ -411,6 +447,17 @@ def add_commands(commands: Any) -> None:
     )
     pending_listing.add_argument("--json", action="store_true")
     pending_listing.set_defaults(run=pending_list)
+    reloading = commands.add_parser(
+        "reload",
+        help="make a running estd re-read est.ini (SIGHUP)",
+        description="Send SIGHUP to the estd of a pidfile: it re-reads est.ini and "
+        "every file it names, and keeps the old settings if they are invalid.",
+    )
+    reloading.add_argument(
+        "--pidfile", default="twistd.pid", help="estd's pidfile (default: twistd.pid)"
+    )
+    reloading.set_defaults(run=reload)
+
     for verb in ("approve", "reject"):
         deciding = commands.add_parser(verb, help=f"{verb} a pending request")
         _add_ledger_options(deciding)

@@ -9,21 +9,45 @@ SubjectAltName.
 from __future__ import annotations
 
 import datetime
+import functools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from estd.errors import BadRequest
-from estd.wire import raw_subject_of_certificate, raw_subject_of_csr
+from estd.wire import _sequence_children, raw_subject_of_certificate, raw_subject_of_csr
 
 CAPrivateKey = (
     ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 )
+SignerPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+class Signer(Protocol):
+    """A CA key that signs without showing itself (a key in a PKCS#11 token).
+
+    :class:`estd.hsm.Pkcs11Signer` is one; a test can bring another.
+    """
+
+    def public_key(self) -> SignerPublicKey:
+        """The public half of the key."""
+        ...
+
+    def sign(self, data: bytes, hash_algorithm: hashes.HashAlgorithm) -> bytes:
+        """An X.509 signature value of ``data``.
+
+        ECDSA: the DER ``ECDSA-Sig-Value`` (RFC 3279 §2.2.3); RSA: the
+        PKCS#1 v1.5 signature (RFC 8017 §8.2).
+        """
+        ...
+
 
 DEVICE_KEY_USAGE = x509.KeyUsage(
     digital_signature=True,
@@ -117,12 +141,18 @@ class IssuedCertificate:
 
 
 class CertificateAuthority:
-    """An EST CA: a CA certificate with its private key."""
+    """An EST CA: a CA certificate with its private key.
+
+    The key is a cryptography private key, or a :class:`Signer` for a key
+    that stays in a token: then cryptography builds each certificate and
+    CRL with a stand-in key of the same type, and the signer signs its TBS
+    bytes.
+    """
 
     def __init__(
         self,
         certificate: x509.Certificate,
-        private_key: CAPrivateKey,
+        private_key: CAPrivateKey | Signer,
         chain: Sequence[x509.Certificate] = (),
     ) -> None:
         check_ca_certificate(certificate)
@@ -130,8 +160,15 @@ class CertificateAuthority:
             raise ValueError("the private key does not belong to the CA certificate")
         self.certificate = certificate
         self.chain = tuple(chain)
-        self._key = private_key
-        self._hash = signature_hash(private_key)
+        self._signer: Signer | None
+        if isinstance(private_key, _PRIVATE_KEY_TYPES):
+            self._key: CAPrivateKey = private_key
+            self._signer = None
+        else:
+            # The stand-in only signs what the signer then signs again.
+            self._key = stand_in_key(private_key.public_key())
+            self._signer = private_key
+        self._hash = signature_hash(self._key)
         try:
             ski = certificate.extensions.get_extension_for_class(
                 x509.SubjectKeyIdentifier
@@ -193,6 +230,8 @@ class CertificateAuthority:
             # RFC 5280 §4.2.1.6: critical when the subject is empty.
             builder = builder.add_extension(san.value, critical=len(csr.subject) == 0)
         certificate = builder.sign(self._key, self._hash)  # type: ignore[arg-type]
+        if self._signer is not None:
+            certificate = self._signed_certificate(certificate)
         if raw_subject_of_certificate(certificate) != raw_subject_of_csr(csr):
             # cryptography re-encodes the Name; refuse rather than issue a
             # certificate whose subject bytes differ from what was asked.
@@ -239,7 +278,88 @@ class CertificateAuthority:
                 entry = entry.add_extension(x509.CRLReason(flag), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
         crl = builder.sign(self._key, self._hash)  # type: ignore[arg-type]
-        return crl.public_bytes(serialization.Encoding.DER)
+        der = crl.public_bytes(serialization.Encoding.DER)
+        if self._signer is None:
+            return der
+        # CertificateList ::= SEQUENCE { tbsCertList, signatureAlgorithm,
+        # signatureValue } (RFC 5280 §5.1)
+        der = self._signed_by_signer(der, crl.tbs_certlist_bytes)
+        if not x509.load_der_x509_crl(der).is_signature_valid(
+            self.certificate.public_key()  # type: ignore[arg-type]
+        ):
+            raise ValueError("the CA key's signature on the CRL does not verify")
+        return der
+
+    def _signed_certificate(self, stand_in: x509.Certificate) -> x509.Certificate:
+        """``stand_in``'s TBSCertificate, signed by the signer."""
+        # Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm,
+        # signatureValue } (RFC 5280 §4.1)
+        der = self._signed_by_signer(
+            stand_in.public_bytes(serialization.Encoding.DER),
+            stand_in.tbs_certificate_bytes,
+        )
+        certificate = x509.load_der_x509_certificate(der)
+        # A token that answers with a bad signature (a fault, a mix-up of
+        # key objects) must not make certificates that devices refuse; for
+        # RSA, releasing a faulty signature can even leak the key.
+        try:
+            certificate.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError(
+                "the CA key's signature on the certificate does not verify"
+            ) from None
+        return certificate
+
+    def _signed_by_signer(self, stand_in_der: bytes, tbs: bytes) -> bytes:
+        """``stand_in_der`` (signed by the stand-in key), signed by the signer."""
+        assert self._signer is not None and self._hash is not None
+        # signatureAlgorithm must equal the signature field inside the TBS
+        # (RFC 5280 §4.1.1.2): the stand-in's bytes are exactly that.
+        algorithm = _sequence_children(stand_in_der)[1]
+        signature = self._signer.sign(tbs, self._hash)
+        # BIT STRING with no unused bits (X.690 §8.6)
+        signature_value = encode_der(0x03, b"\x00" + signature)
+        return encode_der(0x30, tbs + algorithm + signature_value)
+
+
+_PRIVATE_KEY_TYPES = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+)
+
+
+def encode_der(tag: int, contents: bytes) -> bytes:
+    """One DER element (X.690 §8.1): ``tag``, definite length, ``contents``."""
+    length = len(contents)
+    if length < 0x80:
+        return bytes([tag, length]) + contents
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + contents
+
+
+def stand_in_key(public_key: object) -> CAPrivateKey:
+    """A throw-away private key of ``public_key``'s type (and curve).
+
+    Signing with it gives cryptography's TBS bytes, whose signature
+    AlgorithmIdentifier depends only on the key type, the curve and the hash.
+    """
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return _stand_in_key(type(public_key.curve))
+    if isinstance(public_key, rsa.RSAPublicKey):
+        # sha256WithRSAEncryption does not depend on the modulus size.
+        return _stand_in_key(None)
+    raise ValueError(
+        f"a signer's key must be EC or RSA, not {type(public_key).__name__}"
+    )
+
+
+@functools.cache
+def _stand_in_key(curve: type[ec.EllipticCurve] | None) -> CAPrivateKey:
+    """One stand-in key per curve (None: RSA), made once per process."""
+    if curve is None:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(curve())
 
 
 _REASONS = {flag.name: flag for flag in x509.ReasonFlags}
@@ -270,6 +390,7 @@ __all__ = [
     "CAPrivateKey",
     "CertificateAuthority",
     "IssuedCertificate",
+    "Signer",
     "load_certificates",
     "load_private_key",
 ]

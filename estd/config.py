@@ -24,6 +24,7 @@ from estd.auth import UsersFile
 from estd.ca import (
     CAPrivateKey,
     CertificateAuthority,
+    Signer,
     check_ca_certificate,
     load_certificates,
     load_private_key,
@@ -31,6 +32,14 @@ from estd.ca import (
 )
 from estd.csrattrs import CsrAttrs, parse_csrattrs
 from estd.errors import ConfigError
+from estd.hsm import (
+    HsmError,
+    ModuleError,
+    Pkcs11Signer,
+    WrongPin,
+    is_pkcs11_uri,
+    pin_from_file,
+)
 from estd.identity import AuthMode
 from estd.policy import EnrollSubject
 from estd.serverkeygen import KEY_TYPES
@@ -77,6 +86,17 @@ KEYS: tuple[Key, ...] = (
     Key("tls-key", "server TLS private key, PEM", required=True, is_path=True),
     Key("threads", "size of the signing thread pool", "4"),
     Key(
+        "admin-listen",
+        "plain-HTTP endpoint for /metrics, /healthz and /readyz; empty = off",
+        "tcp:9443:interface=127.0.0.1",
+    ),
+    Key("log-format", "text, or json (one JSON object per line)", "text"),
+    Key(
+        "shutdown-timeout",
+        "how long SIGTERM waits for requests in flight (e.g. 30s)",
+        "30s",
+    ),
+    Key(
         "state-dir",
         "directory for estd's state (the SQLite ledger); default: est.ini's",
         is_path=True,
@@ -101,8 +121,20 @@ KEYS: tuple[Key, ...] = (
     ),
     _label_key(
         "ca-key",
-        "EST CA private key (SEC1/PKCS#1/PKCS#8 PEM)",
+        "EST CA private key (SEC1/PKCS#1/PKCS#8 PEM), or a pkcs11: URI "
+        "(RFC 7512) of a key in a token",
         required=True,
+        is_path=True,
+    ),
+    _label_key(
+        "pkcs11-module",
+        "PKCS#11 module of the token holding a pkcs11: ca-key, e.g. "
+        "/usr/lib/softhsm/libsofthsm2.so",
+        is_path=True,
+    ),
+    _label_key(
+        "pkcs11-pin-file",
+        "file whose first line is the token's user PIN (pkcs11: ca-key)",
         is_path=True,
     ),
     _label_key(
@@ -243,6 +275,9 @@ class Config:
     threads: int
     labels: Mapping[str, LabelConfig]
     ledger_url: str = "sqlite:///estd.sqlite3"
+    admin_listen: str = ""
+    log_format: str = "text"
+    shutdown_timeout: datetime.timedelta = datetime.timedelta(seconds=30)
 
     @property
     def default(self) -> LabelConfig:
@@ -597,6 +632,11 @@ def load_config(
         threads=threads,
         labels=MappingProxyType(labels),
         ledger_url=ledger_url(settings, config_path),
+        admin_listen=(settings.text("admin-listen") or "").strip(),
+        log_format=settings.parse("log-format", _log_format),
+        shutdown_timeout=settings.parse(
+            "shutdown-timeout", lambda t: parse_duration(t, allow_zero=True)
+        ),
     )
 
 
@@ -621,9 +661,7 @@ class _LabelLoader:
 
     def __init__(self, now: datetime.datetime) -> None:
         self.now = now
-        self._authorities: dict[
-            tuple[str | None, str | None], CertificateAuthority
-        ] = {}
+        self._authorities: dict[tuple[str | None, ...], CertificateAuthority] = {}
         self._users: dict[str, UsersFile] = {}
 
     def load(self, label: str, settings: _Settings) -> LabelConfig:
@@ -686,8 +724,20 @@ class _LabelLoader:
         )
 
     def _authority(self, settings: _Settings) -> CertificateAuthority:
-        # Two labels naming the same CA files share one CA object.
-        cache_key = (settings.path("ca-cert"), settings.path("ca-key"))
+        # Two labels naming the same CA files (or token key) share one CA.
+        in_token = is_pkcs11_uri(settings.text("ca-key") or "")
+        cache_key: tuple[str | None, ...] = (
+            settings.path("ca-cert"),
+            *(
+                (
+                    settings.text("ca-key"),
+                    settings.path("pkcs11-module"),
+                    settings.path("pkcs11-pin-file"),
+                )
+                if in_token
+                else (settings.path("ca-key"),)
+            ),
+        )
         if cache_key in self._authorities:
             return self._authorities[cache_key]
         ca_certificates = settings.certificates("ca-cert")
@@ -697,11 +747,15 @@ class _LabelLoader:
         except ValueError as exc:
             raise settings.error("ca-cert", str(exc)) from None
         _check_current("ca-cert", settings, ca_certificate, self.now)
-        passphrase_data = settings.read("ca-key-passphrase-file")
-        passphrase = (
-            passphrase_data.rstrip(b"\r\n") if passphrase_data is not None else None
-        )
-        ca_key = settings.private_key("ca-key", passphrase)
+        ca_key: CAPrivateKey | Signer
+        if in_token:
+            ca_key = _token_key(settings, ca_certificate)
+        else:
+            passphrase_data = settings.read("ca-key-passphrase-file")
+            passphrase = (
+                passphrase_data.rstrip(b"\r\n") if passphrase_data is not None else None
+            )
+            ca_key = settings.private_key("ca-key", passphrase)
         try:
             ca = CertificateAuthority(ca_certificate, ca_key, ca_certificates[1:])
         except ValueError as exc:
@@ -729,6 +783,38 @@ class _LabelLoader:
             except ValueError as exc:
                 raise settings.error("users-file", f"{path}: {exc}") from None
         return self._users[path]
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"{text!r} is not text or json")
+    return value
+
+
+def _token_key(settings: _Settings, ca_certificate: x509.Certificate) -> Pkcs11Signer:
+    """The pkcs11: ca-key, found and logged in to, checked against ca-cert."""
+    uri = settings.text("ca-key") or ""
+    for key in ("pkcs11-module", "pkcs11-pin-file"):
+        if not settings.given(key):
+            raise settings.error(key, "is required when ca-key is a pkcs11: URI")
+    module = settings.path("pkcs11-module")
+    pin_file = settings.path("pkcs11-pin-file")
+    assert module is not None and pin_file is not None
+    pin_data = settings.read("pkcs11-pin-file")
+    assert pin_data is not None
+    try:
+        pin = pin_from_file(pin_data)
+    except HsmError as exc:
+        raise settings.error("pkcs11-pin-file", f"{pin_file}: {exc}") from None
+    try:
+        return Pkcs11Signer.open(module, uri, pin, certificate=ca_certificate)
+    except ModuleError as exc:
+        raise settings.error("pkcs11-module", str(exc)) from None
+    except WrongPin as exc:
+        raise settings.error("ca-key", f"{exc} (pkcs11-pin-file {pin_file})") from None
+    except HsmError as exc:
+        raise settings.error("ca-key", str(exc)) from None
 
 
 def _approval(text: str) -> bool:

@@ -53,8 +53,8 @@ class CrlPublisher:
                 return published.der
             revoked = self._ledger.revoked(fingerprint.hex())
             # CRLNumber must grow (RFC 5280 §5.2.3), also across instances
-            # that share a ledger: milliseconds since the epoch do.
-            number = int(now.timestamp() * 1000)
+            # that share a ledger and whose clocks differ: a ledger counter.
+            number = self._ledger.next_number("crl_number:" + fingerprint.hex())
             der = ca.sign_crl(revoked, now, now + CRL_VALIDITY, number)
             self._published[fingerprint] = _Published(revision, now, der)
             return der

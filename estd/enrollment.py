@@ -35,7 +35,9 @@ from estd.identity import (
 from estd.ledger import (
     IssuanceRecord,
     Ledger,
+    LedgerError,
     LedgerUnavailable,
+    LimitReached,
     PendingRow,
     SerialTaken,
 )
@@ -172,9 +174,22 @@ def _enroll(
     issued = _issue_and_record(settings, request, requester, csr, now, ledger, key)
     if ledger is not None:
         if pending is not None:
-            ledger.pending_mark_issued(
-                pending.id, issued.certificate.serial_number, now
-            )
+            try:
+                ledger.pending_mark_issued(
+                    pending.id, issued.certificate.serial_number, now
+                )
+            except LedgerUnavailable:
+                raise
+            except LedgerError:
+                # Another poll of the same approved request got there first:
+                # answer with the certificate it recorded (ours stays unsent).
+                current = pending_again(
+                    ledger, settings, pending, requester, request, csr, now
+                )
+                again = _decided(ledger, settings, current, requester, request)
+                if again is not None:
+                    return again
+                raise
         if settings.revoke_superseded:
             ledger.revoke_superseded(
                 raw_subject_of_certificate(issued.certificate),
@@ -221,10 +236,15 @@ def _issue_and_record(
             user=requester.user,
             issued_at=now,
         )
+        limit = settings.max_issuance_per_day or None
         try:
-            ledger.record_issuance(record)
+            ledger.record_issuance(record, limit=limit)
         except SerialTaken:
             continue
+        except LimitReached:
+            # Another request of this subject was recorded meanwhile; the
+            # certificate just signed is never sent.
+            raise _over_limit(settings) from None
         return issued
     raise ServiceUnavailable("no unique serial number could be drawn", 5)
 
@@ -253,14 +273,40 @@ def _check_rate(
     since = now - datetime.timedelta(days=1)
     count = ledger.issued_count_since(raw_subject_of_csr(csr), since)
     if count >= settings.max_issuance_per_day:
-        raise TooManyRequests(
-            f"this subject got {count} certificates in the last 24 hours, "
-            f"the most this label allows",
-            RATE_RETRY_AFTER,
-        )
+        raise _over_limit(settings)
+
+
+def _over_limit(settings: LabelConfig) -> TooManyRequests:
+    return TooManyRequests(
+        "this subject reached the limit of certificates per 24 hours "
+        f"({settings.max_issuance_per_day})",
+        RATE_RETRY_AFTER,
+    )
 
 
 RATE_RETRY_AFTER = 3600
+
+
+def pending_again(
+    ledger: Ledger,
+    settings: LabelConfig,
+    pending: PendingRow,
+    requester: Requester,
+    request: EnrollmentRequest,
+    csr: x509.CertificateSigningRequest,
+    now: datetime.datetime,
+) -> PendingRow:
+    """The pending row of this CSR as the ledger has it now."""
+    return ledger.pending_submit(
+        label=settings.label,
+        csr_der=csr.public_bytes(serialization.Encoding.DER),
+        subject=pending.subject,
+        client_serial=pending.client_serial,
+        client_address=request.client_address,
+        user=requester.user,
+        now=now,
+        expires_at=pending.expires_at,
+    )
 
 
 def _decided(
@@ -285,6 +331,11 @@ def _decided(
                 f"request {pending.id} was already answered; send a new CSR"
             )
         row = ledger.certificate(pending.certificate_serial)
+        if row is not None and row.revoked_at is not None:
+            raise Forbidden(
+                f"the certificate issued for request {pending.id} was revoked; "
+                "send a new CSR"
+            )
         if row is not None:
             # The same CSR again: the certificate it got, again.
             certificate = x509.load_der_x509_certificate(row.der)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PrivateKeyTypes,
 )
 
-from estd import __version__, admin
+from estd import __version__, admin, hsm
 from estd.client import (
     KEY_TYPES,
     EstClient,
@@ -545,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.set_defaults(run=_passwd)
 
     admin.add_commands(commands)
+    hsm.add_commands(commands)
     return parser
 
 

@@ -82,6 +82,14 @@ class SerialTaken(LedgerError):
     """A certificate with this serial is already on record; pick another."""
 
 
+class LimitReached(LedgerError):
+    """The subject already got its allowed number of certificates."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} certificates in the window")
+        self.count = count
+
+
 class NotFound(LedgerError):
     """No certificate or pending request matches."""
 
@@ -455,6 +463,13 @@ class _Backend(abc.ABC):
         """Held while migrating, so that two instances starting together don't race."""
         return contextlib.nullcontext()
 
+    def lock_subject(self, session: _Session, subject_der: bytes) -> None:
+        """Serialise, until commit, write transactions about one subject.
+
+        SQLite's BEGIN IMMEDIATE already serialises every writer.
+        """
+        return None
+
 
 class _SQLiteSession(_Session):
     def __init__(self, connection: sqlite3.Connection) -> None:
@@ -587,6 +602,14 @@ class _PostgreSQL(_Backend):
         if isinstance(exc, psycopg.OperationalError):
             return "unavailable"
         return None
+
+    def lock_subject(self, session: _Session, subject_der: bytes) -> None:
+        # READ COMMITTED lets two transactions count the same rows; a
+        # transaction-scoped advisory lock per subject orders them.
+        key = int.from_bytes(
+            hashlib.sha256(subject_der).digest()[:8], "big", signed=True
+        )
+        session.execute("SELECT pg_advisory_xact_lock(?)", (key,))
 
     @contextlib.contextmanager
     def migration_lock(self, session: _Session) -> Iterator[None]:
@@ -772,13 +795,24 @@ class Ledger:
 
     # --- Certificates ---
 
-    def record_issuance(self, record: IssuanceRecord) -> None:
+    def record_issuance(
+        self,
+        record: IssuanceRecord,
+        *,
+        limit: int | None = None,
+        window: datetime.timedelta = datetime.timedelta(days=1),
+    ) -> None:
         """Record an issued certificate durably (committed when this returns).
 
         Raises :class:`SerialTaken` if the serial is already on record (the
         caller signs again with a new serial) and :class:`LedgerUnavailable`
-        if it cannot be written (the certificate must not be sent).
+        if it cannot be written (the certificate must not be sent).  With a
+        ``limit``, raises :class:`LimitReached` instead of recording when the
+        subject already has that many certificates issued within ``window``
+        before ``record.issued_at``: counted in the same transaction, so
+        simultaneous requests cannot both slip under it.
         """
+        since = _epoch(record.issued_at - window)
         values = (
             _serial_text(record.serial),
             record.label,
@@ -797,11 +831,21 @@ class Ledger:
             _epoch(record.issued_at),
             record.der,
         )
+
+        def work(session: _Session) -> None:
+            if limit is not None:
+                self._backend.lock_subject(session, record.subject_der)
+                rows = session.execute(
+                    "SELECT count(*) FROM certificates"
+                    " WHERE subject_der = ? AND issued_at >= ?",
+                    (record.subject_der, since),
+                )
+                if int(rows[0][0]) >= limit:
+                    raise LimitReached(int(rows[0][0]))
+            session.execute(_INSERT_CERTIFICATE, values)
+
         try:
-            self._run(
-                lambda session: session.execute(_INSERT_CERTIFICATE, values),
-                write=True,
-            )
+            self._run(work, write=True)
         except _Conflict:
             raise SerialTaken(f"serial {serial_hex(record.serial)} is taken") from None
 
@@ -964,6 +1008,24 @@ class Ledger:
             write=False,
         )
         return [(int(serial, 16), _utc(at), reason) for serial, at, reason in rows]
+
+    def next_number(self, name: str) -> int:
+        """The next value of the counter ``name`` (1, 2, ...), shared by every
+        instance on this ledger: CRL numbers must only grow (RFC 5280 §5.2.3)."""
+
+        def work(session: _Session) -> int:
+            session.execute(
+                "INSERT INTO counters (name, value) VALUES (?, 0)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name,),
+            )
+            session.execute(
+                "UPDATE counters SET value = value + 1 WHERE name = ?", (name,)
+            )
+            rows = session.execute("SELECT value FROM counters WHERE name = ?", (name,))
+            return int(rows[0][0])
+
+        return self._run(work, write=True)
 
     def revocation_revision(self) -> int:
         """A number that grows with every revocation, to notice changes cheaply."""

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from estd.enrollment import Enrollment
 from estd.errors import PayloadTooLarge
 from estd.identity import ClientIdentity
+from estd.metrics import Metrics
 from estd.tls import client_identity, handshake_failure_reason
 from estd.wire import MAX_BODY_BYTES
 
@@ -121,15 +122,32 @@ class EstChannel(http.HTTPChannel):
         """TLS is up; from now on a disconnect is no handshake failure."""
         self._handshake_done = True
 
+    @property
+    def _metrics(self) -> Metrics | None:
+        site = getattr(self, "site", None)  # set by Site.buildProtocol
+        return site.metrics if isinstance(site, EstSite) else None
+
+    def connectionMade(self) -> None:
+        """Count the connection as active."""
+        super().connectionMade()
+        if self._metrics is not None:
+            self._metrics.connection_opened()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Log a failed handshake once, with its reason and no traceback."""
+        metrics = self._metrics
         if not self._handshake_done:
             peer = self.transport.getPeer() if self.transport is not None else None
+            failure = handshake_failure_reason(self.transport, reason)
             log.warn(
                 "TLS handshake with {client_address} failed: {tls_failure}",
                 client_address=getattr(peer, "host", "?"),
-                tls_failure=handshake_failure_reason(self.transport, reason),
+                tls_failure=failure,
             )
+            if metrics is not None:
+                metrics.handshake_failed(failure)
+        if metrics is not None:
+            metrics.connection_closed()
         super().connectionLost(reason)
 
     def writeHeaders(
@@ -169,10 +187,18 @@ class EstSite(server.Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, root: resource.Resource, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        root: resource.Resource,
+        clock: IReactorTime,
+        metrics: Metrics | None = None,
+    ) -> None:
         super().__init__(root, reactor=clock)
         self.clock = clock
+        self.metrics = metrics
         self.in_flight = 0
+        self.draining = False
+        """Set when shutdown began: /readyz answers 503 from then on."""
         self._drain_waiters: list[defer.Deferred[None]] = []
 
     def request_started(self) -> None:
@@ -197,6 +223,8 @@ class EstSite(server.Site):
 
     def log(self, request: EstRequest) -> None:  # type: ignore[override]
         """One line: who, what, outcome, size, time, client cert, issuance."""
+        if self.metrics is not None:
+            self.metrics.request_answered(request.uri or b"", request.code)
         peer = request.getClientAddress()
         fields: dict[str, Any] = {
             "client_address": getattr(peer, "host", "?"),

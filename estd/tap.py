@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import re
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, ClassVar
 
 from twisted.application import service, strports
@@ -13,7 +13,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -22,16 +22,17 @@ from twisted.python.threadpool import ThreadPool
 from estd import __version__
 from estd.config import KEYS, Config, Key, load_config
 from estd.errors import ConfigError
+from estd.health import build_admin_site
 from estd.ledger import Ledger, LedgerError
+from estd.logs import json_observer, twistd_log_output
+from estd.metrics import Metrics
+from estd.reload import ConfigHolder, ConfigService
 from estd.site import EstSite
 from estd.tls import ServerTLS
 from estd.web import build_site
 
 _ = strports  # keep the strports plugins (systemd:, tcp:) importable
 log = Logger(namespace="estd")
-
-SHUTDOWN_TIMEOUT = 30.0
-"""Seconds a stopping server waits for requests in flight to be answered."""
 
 
 def _help(key: Key) -> str:
@@ -62,21 +63,6 @@ class Options(usage.Options):
     def key_values(self) -> dict[str, str | None]:
         """The est.ini keys given on the command line."""
         return {key.name: self[key.name] for key in KEYS}
-
-
-class ConfigHolder:
-    """Holds the current :class:`Config` snapshot; calling it returns it.
-
-    Everything that needs settings asks the holder per connection or per
-    request, so a reload only has to swap the snapshot.
-    """
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def __call__(self) -> Config:
-        """The current snapshot."""
-        return self.config
 
 
 class ThreadPoolService(service.Service):
@@ -112,6 +98,7 @@ class DrainService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         """Fire when in-flight requests are done or the timeout passed."""
         super().stopService()
+        self.site.draining = True
         waiting = self.site.drained()
         if not waiting.called:
             log.info(
@@ -130,6 +117,18 @@ class OrderedMultiService(service.MultiService):
     """Stops its children one after another, last started first."""
 
     est_config: ConfigHolder | None = None
+    json_logs = False
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Join the application; with log-format = json, set its log observer.
+
+        twistd asks the application for an ILogObserver before it starts
+        logging; it still decides where the log goes.
+        """
+        super().setServiceParent(parent)
+        set_component = getattr(parent, "setComponent", None)
+        if self.json_logs and set_component is not None:
+            set_component(ILogObserver, json_observer(twistd_log_output()))
 
     def startService(self) -> None:
         """Start the children and say what is being served."""
@@ -158,22 +157,28 @@ class OrderedMultiService(service.MultiService):
             yield defer.maybeDeferred(child.stopService)
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+def makeService(options: Options, reactor: Any = None) -> OrderedMultiService:
     """Build the EST service from options; a config error exits with status 2."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+
+    def load(now: datetime.datetime) -> Config:
+        return load_config(options["config"], options.key_values(), now)
+
     try:
-        config = load_config(
-            options["config"], options.key_values(), datetime.datetime.now(datetime.UTC)
-        )
+        config = load(datetime.datetime.now(datetime.UTC))
         endpoint = _endpoint(reactor, config)
+        _admin_endpoint(reactor, config)  # refused before the ledger is opened
         ledger = open_ledger(config)
     except ConfigError as error:
         sys.stderr.write(f"estd: configuration error: {error}\n")
         raise SystemExit(2) from None
-    return build_service(config, reactor, endpoint, ledger)
+    top = build_service(config, reactor, endpoint, ledger, load)
+    if config.log_format == "json":
+        top.json_logs = True
+    return top
 
 
 def open_ledger(config: Config) -> Ledger:
@@ -250,22 +255,53 @@ def _endpoint(reactor: Any, config: Config) -> Any:
         ) from None
 
 
+def _admin_endpoint(reactor: Any, config: Config) -> Any | None:
+    """The admin listener's endpoint, or None when admin-listen is empty."""
+    if not config.admin_listen:
+        return None
+    try:
+        return serverFromString(reactor, config.admin_listen)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            "admin-listen",
+            config.source,
+            f"{config.admin_listen!r} is not a server endpoint: {exc}",
+        ) from None
+
+
 def build_service(
-    config: Config, reactor: Any, endpoint: Any, ledger: Ledger | None = None
-) -> service.MultiService:
+    config: Config,
+    reactor: Any,
+    endpoint: Any,
+    ledger: Ledger | None = None,
+    load: Callable[[datetime.datetime], Config] | None = None,
+) -> OrderedMultiService:
     """Wire a validated configuration to an endpoint: TLS, site, thread pool."""
     holder = ConfigHolder(config)
     threadpool = ThreadPool(
         minthreads=0, maxthreads=config.threads, name="estd-signing"
     )
-    site = build_site(holder, reactor, threadpool, ledger=ledger)
+    metrics = Metrics(holder, reactor.seconds, threadpool)
+    site = build_site(holder, reactor, threadpool, ledger=ledger, metrics=metrics)
     factory = TLSMemoryBIOFactory(ServerTLS(holder), False, site)
     factory.noisy = False
     top = OrderedMultiService()
     ThreadPoolService(threadpool).setServiceParent(top)
     if ledger is not None:
         LedgerService(ledger, reactor, threadpool).setServiceParent(top)
-    DrainService(site, reactor, SHUTDOWN_TIMEOUT).setServiceParent(top)
+    admin_endpoint = _admin_endpoint(reactor, config)
+    if admin_endpoint is not None:
+        # Stopped after the EST port closed and the drain: /metrics stays up
+        # while requests finish, and /readyz never pings a closed ledger.
+        admin_site = build_admin_site(
+            metrics, holder, reactor, threadpool, ledger, draining=lambda: site.draining
+        )
+        admin = StreamServerEndpointService(admin_endpoint, admin_site)
+        admin._raiseSynchronously = True
+        admin.setServiceParent(top)
+    ConfigService(holder, load, reactor).setServiceParent(top)
+    timeout = config.shutdown_timeout.total_seconds()
+    DrainService(site, reactor, timeout).setServiceParent(top)
     listener = StreamServerEndpointService(endpoint, factory)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)

@@ -138,6 +138,9 @@ class EstServer:
     est_args: list[str]
     process: subprocess.Popen[bytes] | None = None
     posted_bodies: list[bytes] = field(default_factory=list)
+    admin_listen: str = ""
+    """``--admin-listen``; empty (off) by default, so that test servers do not
+    all try to bind the default 127.0.0.1:9443.  ``est_args`` may override it."""
 
     @property
     def log_path(self) -> Path:
@@ -155,6 +158,7 @@ class EstServer:
                     "--pidfile",
                     str(self.workdir / "twistd.pid"),
                     "est",
+                    f"--admin-listen={self.admin_listen}",
                     *self.est_args,
                 ],
                 cwd=self.workdir,

@@ -723,6 +723,8 @@ def test_label_inherits_every_unset_key(ini: Path, users: Path) -> None:
         "ca-key",
         "ca-key-passphrase-file",
         "client-cas",
+        "pkcs11-module",  # with a pkcs11: ca-key only (tests/test_hsm.py)
+        "pkcs11-pin-file",
     }
     edit_ini(ini, **{key.replace("-", "_"): value for key, value in changed.items()})
     add_label(ini, "fleet")

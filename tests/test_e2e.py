@@ -519,7 +519,7 @@ def test_config_error_exits_before_listening_with_one_line(
         )
     done = run(
         [*twistd_command(), "-n", "--pidfile", str(tmp_path / "twistd.pid"), "est",
-         *argv, "--listen", f"tcp:{port}:interface=127.0.0.1"],
+         *argv, "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin-listen="],
         cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2
@@ -540,7 +540,8 @@ def test_daemon_mode_starts_serves_and_stops_on_sigterm(
         started = run(
             [*twistd_command(), "--pidfile", str(pidfile), "--logfile",
              str(daemon.log_path), "est", "--config", str(pki / "est.ini"),
-             "--listen", f"tcp:{daemon.port}:interface=127.0.0.1"],
+             "--listen", f"tcp:{daemon.port}:interface=127.0.0.1",
+             "--admin-listen="],
             cwd=tmp_path,
         )  # fmt: skip
         assert started.returncode == 0, started.stderr

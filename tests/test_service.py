@@ -67,7 +67,11 @@ class MakeServiceTests(SynchronousTestCase):
         """The service listens on the configured endpoint with TLS wrapping the site."""
         reactor = _Reactor()
         options = _options(
-            "--config", self.ini, "--listen", "tcp:18443:interface=127.0.0.1"
+            "--config",
+            self.ini,
+            "--listen",
+            "tcp:18443:interface=127.0.0.1",
+            "--admin-listen=",
         )
         top = makeService(options, reactor=reactor)
         top.privilegedStartService()
