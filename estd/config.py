@@ -97,6 +97,19 @@ KEYS: tuple[Key, ...] = (
         "30s",
     ),
     Key(
+        "workers",
+        "processes serving the port: a number, or auto (one per core)",
+        "1",
+    ),
+    Key(
+        "max-pending",
+        "enrollments in flight before new ones get 503; default 8 per thread",
+    ),
+    Key("max-connections", "open connections per process; more are closed", "1024"),
+    Key("handshake-timeout", "time allowed for the TLS handshake", "10s"),
+    Key("header-timeout", "time allowed for the request line and headers", "10s"),
+    Key("body-timeout", "time allowed for the request body", "10s"),
+    Key(
         "state-dir",
         "directory for estd's state (the SQLite ledger); default: est.ini's",
         is_path=True,
@@ -276,6 +289,12 @@ class Config:
     labels: Mapping[str, LabelConfig]
     ledger_url: str = "sqlite:///estd.sqlite3"
     admin_listen: str = ""
+    workers: int = 1
+    max_pending: int = 32
+    max_connections: int = 1024
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
     log_format: str = "text"
     shutdown_timeout: datetime.timedelta = datetime.timedelta(seconds=30)
 
@@ -633,6 +652,17 @@ def load_config(
         labels=MappingProxyType(labels),
         ledger_url=ledger_url(settings, config_path),
         admin_listen=(settings.text("admin-listen") or "").strip(),
+        workers=settings.parse("workers", _workers),
+        max_pending=settings.parse(
+            "max-pending",
+            lambda t: 8 * threads if t is None else _integer(t, 1, 1_000_000),
+        ),
+        max_connections=settings.parse(
+            "max-connections", lambda t: _integer(t, 1, 1_000_000)
+        ),
+        handshake_timeout=settings.parse("handshake-timeout", _seconds),
+        header_timeout=settings.parse("header-timeout", _seconds),
+        body_timeout=settings.parse("body-timeout", _seconds),
         log_format=settings.parse("log-format", _log_format),
         shutdown_timeout=settings.parse(
             "shutdown-timeout", lambda t: parse_duration(t, allow_zero=True)
@@ -783,6 +813,16 @@ class _LabelLoader:
             except ValueError as exc:
                 raise settings.error("users-file", f"{path}: {exc}") from None
         return self._users[path]
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return _integer(text, 1, 256)
+
+
+def _seconds(text: str) -> float:
+    return parse_duration(text).total_seconds()
 
 
 def _log_format(text: str) -> str:

@@ -39,7 +39,8 @@ def json_event(event: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, str | int | float | bool) or value is None:
             out[key] = value
-    failure = event.get("log_failure")
+    # twisted.python.log.err events carry theirs as "failure".
+    failure = event.get("log_failure") or event.get("failure")
     if failure is not None:
         out["traceback"] = failure.getTraceback()
     return out

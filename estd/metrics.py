@@ -86,6 +86,10 @@ _REASON_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+CONNECTION_PHASES = ("handshake", "headers", "body")
+"""The ``phase`` label values of ``estd_connection_timeouts_total``."""
+
+
 def handshake_failure_category(reason: str) -> str:
     """The ``reason`` label for a TLS handshake failure's one-line reason."""
     text = reason.lower()
@@ -171,6 +175,35 @@ class Metrics:
             "Connections open on the EST listener.",
             registry=self.registry,
         )
+        self.requests_rejected = Counter(
+            "estd_requests_rejected",
+            "Requests refused before any work, by reason (max_pending: "
+            "an enrollment answered 503 because max-pending were in flight).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.requests_rejected.labels("max_pending")
+        self.connections_rejected = Counter(
+            "estd_connections_rejected",
+            "Connections closed on arrival, by reason (max_connections).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections_rejected.labels("max_connections")
+        self.connection_timeouts = Counter(
+            "estd_connection_timeouts",
+            "Connections aborted because a phase took too long: the TLS "
+            "handshake, the request headers or the request body.",
+            ["phase"],
+            registry=self.registry,
+        )
+        for phase in CONNECTION_PHASES:
+            self.connection_timeouts.labels(phase)
+        self.enrollments_in_flight = Gauge(
+            "estd_enrollments_in_flight",
+            "Enrollments admitted and not yet answered (bounded by max-pending).",
+            registry=self.registry,
+        )
         self.registry.register(ThreadPoolCollector(threadpool))
         self.registry.register(ExpiryCollector(config_source, clock))
 
@@ -184,6 +217,18 @@ class Metrics:
     def handshake_failed(self, reason: str) -> None:
         """Count one failed TLS handshake, by the category of its reason."""
         self.tls_handshake_failures.labels(handshake_failure_category(reason)).inc()
+
+    def request_rejected(self, reason: str) -> None:
+        """Count one request refused before any work (``max_pending``)."""
+        self.requests_rejected.labels(reason).inc()
+
+    def connection_rejected(self, reason: str) -> None:
+        """Count one connection closed on arrival (``max_connections``)."""
+        self.connections_rejected.labels(reason).inc()
+
+    def connection_timed_out(self, phase: str) -> None:
+        """Count one connection aborted in ``phase`` (handshake, headers, body)."""
+        self.connection_timeouts.labels(phase).inc()
 
     def connection_opened(self) -> None:
         """A connection to the EST listener was made."""

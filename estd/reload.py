@@ -29,8 +29,17 @@ log = Logger(namespace="estd")
 EXPIRY_WARNING = datetime.timedelta(days=30)
 """Certificates closer than this to expiry are warned about daily."""
 
-RESTART_ONLY = ("listen", "threads", "ledger_url", "admin_listen", "log_format")
-"""Settings a running server cannot change; a reload says so."""
+RESTART_ONLY = {
+    "listen": "listen",
+    "threads": "threads",
+    "ledger_url": "ledger",
+    "admin_listen": "admin-listen",
+    "log_format": "log-format",
+    "workers": "workers",
+    "max_connections": "max-connections",
+}
+"""Settings a running server cannot change (attribute: est.ini key); a
+reload says so."""
 
 
 class ConfigHolder:
@@ -80,7 +89,9 @@ class ConfigService(service.Service):
         holder: ConfigHolder,
         load: Callable[[datetime.datetime], Config] | None,
         reactor: Any,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
+        self.on_reload = on_reload
         self.holder = holder
         self.load = load
         self.reactor = reactor
@@ -135,7 +146,7 @@ class ConfigService(service.Service):
     def _loaded(self, config: Config) -> None:
         old = self.holder.config
         unchanged = [
-            name.replace("_", "-")
+            RESTART_ONLY[name]
             for name in RESTART_ONLY
             if getattr(old, name) != getattr(config, name)
         ]
@@ -145,6 +156,8 @@ class ConfigService(service.Service):
                 keys=", ".join(unchanged),
             )
         self.holder.config = config
+        if self.on_reload is not None:
+            self.on_reload()
         log.info(
             "configuration reloaded from {source}; EST CA {ca_subject}; "
             "labels: {labels}",

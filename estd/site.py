@@ -4,15 +4,22 @@ What EST clients need from HTTP beyond twisted.web's defaults lives here:
 Content-Length on every response and header plus body in one write
 (strongSwan's ``pki`` reads the response in one go), bodies over 64 KiB
 refused before they are read, TLS handshake failures logged once with their
-reason, and one log line per request.
+reason, one log line per request, and a deadline for each phase of a
+request (see :mod:`estd.limits`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,8 +29,17 @@ from zope.interface import implementer
 from estd.enrollment import Enrollment
 from estd.errors import PayloadTooLarge
 from estd.identity import ClientIdentity
+from estd.limits import (
+    BODY,
+    DEFAULT_LIMITS,
+    HANDSHAKE,
+    HEADERS,
+    EnrollmentSlots,
+    LimitSettings,
+    Phase,
+)
 from estd.metrics import Metrics
-from estd.tls import client_identity, handshake_failure_reason
+from estd.tls import client_identity, handshake_failure_reason, handshake_state
 from estd.wire import MAX_BODY_BYTES
 
 log = Logger(namespace="estd")
@@ -113,30 +129,132 @@ class EstRequest(server.Request):
 
 @implementer(IHandshakeListener)
 class EstChannel(http.HTTPChannel):
-    """An HTTP channel that logs TLS handshake failures and writes once."""
+    """An HTTP channel that logs TLS handshake failures and writes once.
+
+    It also gives each phase of a request a deadline on the site's clock:
+    the TLS handshake from the TCP connection, the request line and headers
+    from the handshake or the end of the previous response, the body from
+    the end of the headers.  Twisted's idle timeout (``timeOut``), which any
+    byte resets, keeps running beside them.
+    """
 
     _handshake_done = False
     _held_headers: bytes = b""
+    _deadline: IDelayedCall | None = None
+    _phase: Phase | None = None
+    _phase_bytes = 0
+    _phase_timeout = 0.0
+    _timed_out = False
+    _lost = False
 
     def handshakeCompleted(self) -> None:
         """TLS is up; from now on a disconnect is no handshake failure."""
         self._handshake_done = True
+        self._start_phase(HEADERS)
+
+    @property
+    def _est_site(self) -> EstSite | None:
+        site = getattr(self, "site", None)  # set by Site.buildProtocol
+        return site if isinstance(site, EstSite) else None
 
     @property
     def _metrics(self) -> Metrics | None:
-        site = getattr(self, "site", None)  # set by Site.buildProtocol
-        return site.metrics if isinstance(site, EstSite) else None
+        site = self._est_site
+        return site.metrics if site is not None else None
 
     def connectionMade(self) -> None:
-        """Count the connection as active."""
+        """Count the connection as active; start the clock on its first phase."""
         super().connectionMade()
+        if self._est_site is not None:
+            self._est_site.channels.add(self)
         if self._metrics is not None:
             self._metrics.connection_opened()
+        # Under TLS this runs when TCP connects, before the handshake.
+        tls = handshake_state(self.transport) is not None
+        self._start_phase(HANDSHAKE if tls else HEADERS)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Note that the client is sending something, then parse it."""
+        self._phase_bytes += len(data)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        """The headers are in: the body, if any, has its own deadline."""
+        super().allHeadersReceived()
+        if self.length != 0:  # a Content-Length, or chunked (None)
+            self._start_phase(BODY)
+
+    def allContentReceived(self) -> None:
+        """The request is complete: no deadline while it is processed."""
+        self._stop_phase()
+        super().allContentReceived()
+
+    def _start_phase(self, phase: Phase) -> None:
+        site = self._est_site
+        if site is None or self._lost:
+            return
+        seconds = phase.timeout(site.limit_settings())
+        self._phase, self._phase_bytes, self._phase_timeout = phase, 0, seconds
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(seconds)
+        else:
+            self._deadline = site.clock.callLater(seconds, self._phase_expired)
+
+    def _stop_phase(self) -> None:
+        self._phase = None
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _phase_expired(self) -> None:
+        phase, self._phase, self._deadline = self._phase, None, None
+        # Every stream transport can abort (TLS, TCP, the test fakes).
+        transport = cast(ITCPTransport, self.transport)
+        site = self._est_site
+        if transport is None or phase is None or site is None:
+            return
+        if getattr(transport, "disconnecting", False):
+            # Already closing (after a response or an error) and the client
+            # is not reading what is left: stop waiting for it.
+            transport.abortConnection()
+            return
+        peer = transport.getPeer()
+        address = getattr(peer, "host", "?")
+        timeout = self._phase_timeout
+        if phase is HEADERS and self._phase_bytes == 0:
+            # Idle between requests (or after the handshake): an ordinary
+            # close, as HTTP allows (RFC 9112 §9.5); the deadline now only
+            # bounds how long the client may take to read what is left.
+            log.info(
+                "closing idle connection from {client_address}: no request "
+                "within {timeout:g}s (header-timeout)",
+                client_address=address,
+                timeout=timeout,
+            )
+            self.setTimeout(None)  # Twisted's idle timeout would close it again
+            self.loseConnection()
+            self._start_phase(HEADERS)
+            return
+        self._timed_out = True
+        log.warn(
+            "connection from {client_address} aborted: {phase_what} did not "
+            "complete within {timeout:g}s ({setting})",
+            client_address=address,
+            phase=phase.name,
+            phase_what=phase.what,
+            timeout=timeout,
+            setting=phase.setting,
+        )
+        if site.metrics is not None:
+            site.metrics.connection_timed_out(phase.name)
+        transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Log a failed handshake once, with its reason and no traceback."""
+        self._lost = True
+        self._stop_phase()
         metrics = self._metrics
-        if not self._handshake_done:
+        if not self._handshake_done and not self._timed_out:
             peer = self.transport.getPeer() if self.transport is not None else None
             failure = handshake_failure_reason(self.transport, reason)
             log.warn(
@@ -149,6 +267,8 @@ class EstChannel(http.HTTPChannel):
         if metrics is not None:
             metrics.connection_closed()
         super().connectionLost(reason)
+        if self._est_site is not None:
+            self._est_site.channel_closed(self)
 
     def writeHeaders(
         self, version: bytes, code: bytes, reason: bytes, headers: Any
@@ -176,6 +296,10 @@ class EstChannel(http.HTTPChannel):
         """Flush a header-only response before the channel moves on."""
         if self._held_headers:
             self.write(b"")
+        # The next request's headers are due from now (set before Twisted
+        # replays any pipelined bytes); on a closing connection, the deadline
+        # bounds how long the client may take to read the response.
+        self._start_phase(HEADERS)
         super().requestDone(request)
 
 
@@ -192,11 +316,21 @@ class EstSite(server.Site):
         root: resource.Resource,
         clock: IReactorTime,
         metrics: Metrics | None = None,
+        limit_settings: Callable[[], LimitSettings] | None = None,
     ) -> None:
         super().__init__(root, reactor=clock)
         self.clock = clock
         self.metrics = metrics
+        self.limit_settings: Callable[[], LimitSettings] = limit_settings or (
+            lambda: DEFAULT_LIMITS
+        )
+        """The current max-pending and timeouts (the configuration snapshot)."""
+        self.enrollments = EnrollmentSlots(self.limit_settings, clock.seconds, metrics)
+        """Enrollments in flight, bounded by max-pending."""
         self.in_flight = 0
+        self.channels: set[EstChannel] = set()
+        """Open connections, closed politely once a shutdown has drained."""
+        self._closed_waiters: list[defer.Deferred[None]] = []
         self.draining = False
         """Set when shutdown began: /readyz answers 503 from then on."""
         self._drain_waiters: list[defer.Deferred[None]] = []
@@ -212,6 +346,28 @@ class EstSite(server.Site):
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def channel_closed(self, channel: EstChannel) -> None:
+        """Forget a closed connection; wake close_all() when none is left."""
+        self.channels.discard(channel)
+        if not self.channels:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close_all(self) -> defer.Deferred[None]:
+        """Close every connection after what it still has to send is sent.
+
+        A response handed to the transport may not have left yet; closing
+        with loseConnection (not the reactor's shutdown) lets it go first.
+        """
+        if not self.channels:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(waiter)
+        for channel in list(self.channels):
+            channel.loseConnection()
+        return waiter
 
     def drained(self) -> defer.Deferred[None]:
         """A Deferred that fires once no request is in flight."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Generator
 from typing import Any, ClassVar
 
@@ -14,7 +16,6 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -24,12 +25,14 @@ from estd.config import KEYS, Config, Key, load_config
 from estd.errors import ConfigError
 from estd.health import build_admin_site
 from estd.ledger import Ledger, LedgerError
+from estd.limits import ConnectionLimitedTLSFactory
 from estd.logs import json_observer, twistd_log_output
 from estd.metrics import Metrics
 from estd.reload import ConfigHolder, ConfigService
 from estd.site import EstSite
 from estd.tls import ServerTLS
 from estd.web import build_site
+from estd.workers import InheritedPortEndpoint, WorkersService, child_options
 
 _ = strports  # keep the strports plugins (systemd:, tcp:) importable
 log = Logger(namespace="estd")
@@ -52,6 +55,7 @@ class Options(usage.Options):
     )
     optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "est.ini to read settings from"],
+        ["worker-fd", None, None, "(internal) serve the listening socket on this fd"],
         *[[key.name, None, None, _help(key)] for key in KEYS],
     ]
 
@@ -65,11 +69,39 @@ class Options(usage.Options):
         return {key.name: self[key.name] for key in KEYS}
 
 
+class _DaemonThread(threading.Thread):
+    """A thread that does not keep the process alive."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
+class SigningThreadPool(ThreadPool):
+    """A thread pool whose threads never keep the process alive.
+
+    After shutdown-timeout, work still signing is abandoned: the process
+    must be able to exit without joining it.
+    """
+
+    threadFactory = _DaemonThread
+
+
+class Shutdown:
+    """What the stopping services tell each other."""
+
+    abandoned = False
+    """True when shutdown-timeout passed with requests still in flight."""
+
+
 class ThreadPoolService(service.Service):
     """Starts the signing thread pool with the service, stops it after."""
 
-    def __init__(self, threadpool: ThreadPool) -> None:
+    def __init__(
+        self, threadpool: ThreadPool, shutdown: Shutdown | None = None
+    ) -> None:
         self.threadpool = threadpool
+        self.shutdown = shutdown or Shutdown()
 
     def startService(self) -> None:
         """Start the worker threads."""
@@ -77,9 +109,14 @@ class ThreadPoolService(service.Service):
         self.threadpool.start()
 
     def stopService(self) -> None:
-        """Let queued work finish, then join the threads."""
+        """Join idle threads; leave abandoned work behind (daemon threads)."""
         super().stopService()
-        self.threadpool.stop()
+        if not self.shutdown.abandoned:
+            self.threadpool.stop()
+
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds a stopping server gives connections to take their last bytes."""
 
 
 class DrainService(service.Service):
@@ -90,27 +127,51 @@ class DrainService(service.Service):
     signing threads are stopped.
     """
 
-    def __init__(self, site: EstSite, clock: Any, timeout: float) -> None:
+    def __init__(
+        self,
+        site: EstSite,
+        clock: Any,
+        timeout: float | Callable[[], float],
+        shutdown: Shutdown | None = None,
+    ) -> None:
         self.site = site
         self.clock = clock
-        self.timeout = timeout
+        self._timeout = timeout
+        self.shutdown = shutdown or Shutdown()
+
+    @property
+    def timeout(self) -> float:
+        """shutdown-timeout of the current configuration (reloads count)."""
+        return self._timeout() if callable(self._timeout) else self._timeout
 
     def stopService(self) -> defer.Deferred[None]:
         """Fire when in-flight requests are done or the timeout passed."""
         super().stopService()
         self.site.draining = True
+        timeout = self.timeout
         waiting = self.site.drained()
         if not waiting.called:
             log.info(
                 "waiting up to {timeout}s for {count} request(s) in flight",
-                timeout=self.timeout,
+                timeout=timeout,
                 count=self.site.in_flight,
             )
-            waiting.addTimeout(self.timeout, self.clock)
-            waiting.addErrback(
-                lambda _: log.warn("shutdown timeout: requests in flight abandoned")
-            )
-        return waiting
+            waiting.addTimeout(timeout, self.clock)
+
+            def abandoned(_: object) -> None:
+                self.shutdown.abandoned = True
+                log.warn("shutdown timeout: requests in flight abandoned")
+
+            waiting.addErrback(abandoned)
+
+        def close_connections(_: object) -> defer.Deferred[None]:
+            # Let written responses leave before the reactor drops sockets;
+            # a client that does not read is cut after a few seconds.
+            closing = self.site.close_all()
+            closing.addTimeout(CLOSE_TIMEOUT, self.clock)
+            return closing.addErrback(lambda _: None)
+
+        return waiting.addCallback(close_connections)
 
 
 class OrderedMultiService(service.MultiService):
@@ -149,12 +210,20 @@ class OrderedMultiService(service.MultiService):
                 labels=", ".join(name for name in config.labels if name) or "none",
             )
 
+    reactor: Any = None
+
     @defer.inlineCallbacks
     def stopService(self) -> Generator[defer.Deferred[Any], Any, None]:
-        """Stop each child in reverse order, waiting for each."""
+        """Stop each child in reverse order, waiting for each.
+
+        After a SIGTERM that ended this way, twistd would kill itself with
+        SIGTERM again on exit; a graceful stop exits 0 instead.
+        """
         service.Service.stopService(self)
         for child in reversed(list(self)):
             yield defer.maybeDeferred(child.stopService)
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
 
 def makeService(options: Options, reactor: Any = None) -> OrderedMultiService:
@@ -167,17 +236,54 @@ def makeService(options: Options, reactor: Any = None) -> OrderedMultiService:
     def load(now: datetime.datetime) -> Config:
         return load_config(options["config"], options.key_values(), now)
 
+    worker_fd = options["worker-fd"]
     try:
         config = load(datetime.datetime.now(datetime.UTC))
-        endpoint = _endpoint(reactor, config)
+        if worker_fd is not None:
+            endpoint: Any = InheritedPortEndpoint(reactor, int(worker_fd))
+        else:
+            endpoint = _endpoint(reactor, config)
         _admin_endpoint(reactor, config)  # refused before the ledger is opened
         ledger = open_ledger(config)
     except ConfigError as error:
         sys.stderr.write(f"estd: configuration error: {error}\n")
         raise SystemExit(2) from None
-    top = build_service(config, reactor, endpoint, ledger, load)
+    if worker_fd is None and config.workers > 1:
+        # The ledger was opened (and migrated) once here; workers open theirs.
+        ledger.close()
+        top = build_supervisor(config, reactor, endpoint, options, load)
+    else:
+        top = build_service(config, reactor, endpoint, ledger, load)
     if config.log_format == "json":
         top.json_logs = True
+    return top
+
+
+def build_supervisor(
+    config: Config,
+    reactor: Any,
+    endpoint: Any,
+    options: Options,
+    load: Callable[[datetime.datetime], Config],
+) -> OrderedMultiService:
+    """``workers = N``: bind the port and run N worker processes on it."""
+    holder = ConfigHolder(config)
+    keys = [key.name for key in KEYS]
+    workers = WorkersService(
+        reactor,
+        endpoint,
+        config.workers,
+        lambda number: child_options(options, keys, config.admin_listen, number),
+        config.shutdown_timeout.total_seconds(),
+    )
+    top = OrderedMultiService()
+    top.reactor = reactor
+    # A reload is checked here first; only a valid one reaches the workers.
+    ConfigService(
+        holder, load, reactor, on_reload=lambda: workers.signal_workers(signal.SIGHUP)
+    ).setServiceParent(top)
+    workers.setServiceParent(top)
+    top.est_config = holder
     return top
 
 
@@ -203,7 +309,14 @@ def _shown(url: str) -> str:
 class LedgerService(service.Service):
     """Expires pending requests hourly and closes the ledger on stop."""
 
-    def __init__(self, ledger: Ledger, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        reactor: Any,
+        threadpool: ThreadPool,
+        shutdown: Shutdown | None = None,
+    ) -> None:
+        self.shutdown = shutdown or Shutdown()
         self.ledger = ledger
         self.reactor = reactor
         self.threadpool = threadpool
@@ -241,7 +354,9 @@ class LedgerService(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        self.ledger.close()
+        if not self.shutdown.abandoned:
+            # An abandoned signing thread may still be using a connection.
+            self.ledger.close()
 
 
 def _endpoint(reactor: Any, config: Config) -> Any:
@@ -278,17 +393,27 @@ def build_service(
 ) -> OrderedMultiService:
     """Wire a validated configuration to an endpoint: TLS, site, thread pool."""
     holder = ConfigHolder(config)
-    threadpool = ThreadPool(
+    threadpool = SigningThreadPool(
         minthreads=0, maxthreads=config.threads, name="estd-signing"
     )
+    shutdown = Shutdown()
     metrics = Metrics(holder, reactor.seconds, threadpool)
     site = build_site(holder, reactor, threadpool, ledger=ledger, metrics=metrics)
-    factory = TLSMemoryBIOFactory(ServerTLS(holder), False, site)
+    factory = ConnectionLimitedTLSFactory(
+        ServerTLS(holder),
+        site,
+        max_connections=lambda: holder().max_connections,
+        clock=reactor,
+        metrics=metrics,
+    )
     factory.noisy = False
     top = OrderedMultiService()
-    ThreadPoolService(threadpool).setServiceParent(top)
+    top.reactor = reactor
+    # Stopped in reverse: the ledger closes only after the signing threads
+    # that use it are gone (and not at all if some were abandoned).
     if ledger is not None:
-        LedgerService(ledger, reactor, threadpool).setServiceParent(top)
+        LedgerService(ledger, reactor, threadpool, shutdown).setServiceParent(top)
+    ThreadPoolService(threadpool, shutdown).setServiceParent(top)
     admin_endpoint = _admin_endpoint(reactor, config)
     if admin_endpoint is not None:
         # Stopped after the EST port closed and the drain: /metrics stays up
@@ -300,8 +425,12 @@ def build_service(
         admin._raiseSynchronously = True
         admin.setServiceParent(top)
     ConfigService(holder, load, reactor).setServiceParent(top)
-    timeout = config.shutdown_timeout.total_seconds()
-    DrainService(site, reactor, timeout).setServiceParent(top)
+    DrainService(
+        site,
+        reactor,
+        lambda: holder().shutdown_timeout.total_seconds(),
+        shutdown,
+    ).setServiceParent(top)
     listener = StreamServerEndpointService(endpoint, factory)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)

@@ -38,6 +38,7 @@ from estd.errors import (
 )
 from estd.identity import BadCredentials
 from estd.ledger import Ledger, LedgerUnavailable
+from estd.limits import OVERLOAD_REASON, OVERLOAD_RETRY_AFTER
 from estd.metrics import Metrics
 from estd.policy import Operation
 from estd.site import EstRequest, EstSite
@@ -305,22 +306,25 @@ class EnrollResource(EstResource):
         throttle = self._machinery.throttle
         reactor = self._machinery.reactor
         metrics = request.est_site.metrics
+        slots = request.est_site.enrollments
+
+        def release(outcome: Enrollment | Failure) -> Enrollment | Failure:
+            slots.release()
+            return outcome
 
         def run(_: object) -> defer.Deferred[Enrollment]:
-            machinery = self._machinery
-            arguments = (
-                self._settings,
-                enrollment_request,
-                machinery.now(),
-                machinery.ledger,
-            )
-            if metrics is None:
-                return machinery.in_thread(enroll, *arguments)
-            # Timed in the thread: the work, not the wait for a free thread.
-            operation = "serverkeygen" if self._server_keygen else self._operation.value
-            return machinery.in_thread(
-                metrics.issuance, operation, self._settings.label, enroll, *arguments
-            )
+            # Admitted here, after any failure-throttle delay: a client made
+            # to wait for its wrong passwords holds no slot meanwhile.  The
+            # slot is freed when the work is done, just before respond()
+            # writes the outcome.
+            if not slots.admit():
+                raise ServiceUnavailable(OVERLOAD_REASON, OVERLOAD_RETRY_AFTER)
+            try:
+                issuing = self._issue(enrollment_request, metrics)
+            except BaseException:
+                slots.release()
+                raise
+            return issuing.addBoth(release)
 
         def counted(outcome: Enrollment | Failure) -> Enrollment | Failure:
             # Repeated wrong passwords from one address are answered ever
@@ -338,6 +342,25 @@ class EnrollResource(EstResource):
             started = defer.succeed(None)
         work = started.addCallback(run).addBoth(counted)
         return work.addCallback(self._rendered, request)
+
+    def _issue(
+        self, enrollment_request: EnrollmentRequest, metrics: Metrics | None
+    ) -> defer.Deferred[Enrollment]:
+        """Decide and sign in the thread pool (timed there when metered)."""
+        machinery = self._machinery
+        arguments = (
+            self._settings,
+            enrollment_request,
+            machinery.now(),
+            machinery.ledger,
+        )
+        if metrics is None:
+            return machinery.in_thread(enroll, *arguments)
+        # Timed in the thread: the work, not the wait for a free thread.
+        operation = "serverkeygen" if self._server_keygen else self._operation.value
+        return machinery.in_thread(
+            metrics.issuance, operation, self._settings.label, enroll, *arguments
+        )
 
     def _rendered(self, enrollment: Enrollment, request: EstRequest) -> EstResponse:
         request.est_issued = enrollment
@@ -476,4 +499,4 @@ def build_site(
         crls=CrlPublisher(ledger) if ledger is not None else None,
     )
     est = EstDirectory(config_source, machinery)
-    return EstSite(RootResource(est), reactor, metrics)
+    return EstSite(RootResource(est), reactor, metrics, limit_settings=config_source)

@@ -458,3 +458,40 @@ def signed_by_another_key(csr_der: bytes, other_key: Path) -> bytes:
     bit_string = b"\x03" + der_length(len(signature)) + signature
     contents = info + algorithm + bit_string
     return b"\x30" + der_length(len(contents)) + contents
+
+
+# --- Operating a running server -------------------------------------------------------
+
+
+def served_certificate(port: int, host: str = "127.0.0.1") -> bytes:
+    """The DER certificate a new TLS connection to ``host:port`` is shown.
+
+    The handshake is not verified (only the certificate is wanted); the
+    server asks for a client certificate but does not require one.
+    """
+    import ssl
+
+    pem = ssl.get_server_certificate((host, port), timeout=5)
+    return ssl.PEM_cert_to_DER_cert(pem)
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int, bytes, str]:
+    """(status, body, Content-Type) of a plain-HTTP GET, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            return response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read(), error.headers["Content-Type"]
+
+
+def metric_value(text: str, name: str) -> float | None:
+    """The value of the unlabelled sample ``name`` in Prometheus text, or None."""
+    for line in text.splitlines():
+        sample, _, value = line.partition(" ")
+        if sample == name:
+            return float(value)
+    return None

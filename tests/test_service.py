@@ -128,10 +128,14 @@ class MakeServiceTests(SynchronousTestCase):
 class _FakeSite:
     def __init__(self) -> None:
         self.in_flight = 1
+        self.draining = False
         self.waiter: defer.Deferred[None] = defer.Deferred()
 
     def drained(self) -> defer.Deferred[None]:
         return self.waiter
+
+    def close_all(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
 
 
 class ShutdownTests(SynchronousTestCase):
