@@ -1188,3 +1188,18 @@ def test_trust_anchors_union_without_duplicates(ini: Path) -> None:
     assert config.labels["c"].anchor_fingerprints == frozenset(
         {sha256(pki.est_ca.certificate), sha256(pki.root.certificate)}
     )
+
+
+def test_sample_config_loads_and_names_every_key(tmp_path: Path) -> None:
+    """contrib/est.ini.example is a working est.ini that mentions every key."""
+    from estd.config import KEYS
+
+    example = Path(__file__).parent.parent / "contrib" / "est.ini.example"
+    write_pki(str(tmp_path))
+    ini = tmp_path / "example.ini"
+    ini.write_text(example.read_text())
+    config = load_config(str(ini), {}, NOW)
+    assert config.listen == "tcp:8443"
+    text = example.read_text()
+    missing = [key.name for key in KEYS if f"{key.name} =" not in text]
+    assert missing == []
