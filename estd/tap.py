@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Before pyOpenSSL (and the OpenSSL inside cryptography) initialise: no TLS
+# 1.3 session tickets (estd/openssl.cnf says why).  An OPENSSL_CONF already
+# set by the operator wins.
+os.environ.setdefault(
+    "OPENSSL_CONF", os.path.join(os.path.dirname(__file__), "openssl.cnf")
+)
+
 import datetime
 import re
 import signal

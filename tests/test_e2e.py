@@ -565,3 +565,28 @@ def test_daemon_mode_starts_serves_and_stops_on_sigterm(
             pid = int(pidfile.read_text().strip() or 0) or None
         if pid is not None:
             kill_pid(pid)
+
+
+@pytest.mark.parametrize("version", ["TLSv1_3", "TLSv1_2"])
+def test_no_session_tickets(server: EstServer, pki: DemoPki, version: str) -> None:
+    """The server sends no session ticket: devices never resume, tickets cost CPU."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(pki / "factory_ca.pem"))
+    context.maximum_version = getattr(ssl.TLSVersion, version)
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(
+                b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            received = b""
+            while chunk := tls.recv(65536):
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert tls.version() == version.replace("_", ".").replace(
+                "TLSv1.", "TLSv1."
+            )
+            assert tls.session is not None
+            assert not tls.session.has_ticket
