@@ -6,7 +6,7 @@ DEMO ?= demo
 # twistd finds the `est` plugin in twisted/plugins/ of this checkout.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run check test lint typecheck demo clean
+.PHONY: run check test lint typecheck demo clean bench bench-smoke
 
 $(BIN)/estctl: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,24 @@ run: $(DEMO)/est.ini
 check: lint typecheck test
 
 lint: $(BIN)/estctl
-	$(BIN)/ruff check estd tests twisted
-	$(BIN)/ruff format --check estd tests twisted
+	$(BIN)/ruff check estd tests twisted bench
+	$(BIN)/ruff format --check estd tests twisted bench
 
 typecheck: $(BIN)/estctl
 	$(BIN)/mypy
 
 test: $(BIN)/estctl
 	$(BIN)/pytest -q
+
+## make bench: the standard benchmark matrix (about 10 minutes on 2 cores);
+## results in bench/results/<timestamp>.json.  BENCH_ARGS adds options, e.g.
+## make bench BENCH_ARGS='--duration 20'
+bench: $(BIN)/estctl
+	$(BIN)/python -m bench.driver --matrix $(BENCH_ARGS)
+
+## make bench-smoke: a few seconds of every case; fails on any error
+bench-smoke: $(BIN)/estctl
+	$(BIN)/python -m bench.driver --smoke $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
