@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import datetime
 import enum
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -266,7 +267,7 @@ class LabelConfig:
         """Certificates a client certificate may chain to for this label."""
         return (self.ca.certificate, *self.client_cas)
 
-    @property
+    @functools.cached_property
     def anchor_fingerprints(self) -> frozenset[bytes]:
         """SHA-256 fingerprints of :attr:`trust_anchors`."""
         return frozenset(anchor.fingerprint(_SHA256) for anchor in self.trust_anchors)

@@ -318,7 +318,9 @@ class EstSite(server.Site):
         metrics: Metrics | None = None,
         limit_settings: Callable[[], LimitSettings] | None = None,
     ) -> None:
-        super().__init__(root, reactor=clock)
+        # EST bodies are never HTML forms: skip twisted.web's form parsing, which
+        # parses every POST's Content-Type with the (slow) email package.
+        super().__init__(root, reactor=clock, parsePOSTFormSubmission=False)
         self.clock = clock
         self.metrics = metrics
         self.limit_settings: Callable[[], LimitSettings] = limit_settings or (
