@@ -75,10 +75,19 @@ def make_verify_callback(
     ) -> bool:
         state: HandshakeState = connection.estd_handshake  # type: ignore[attr-defined]
         try:
-            cert = certificate.to_cryptography()
-            subject = cert.subject.rfc4514_string() or "(empty subject)"
+            cert: x509.Certificate | None = certificate.to_cryptography()
         except Exception:  # never let a callback raise into OpenSSL
-            cert, subject = None, "(unparseable)"
+            cert = None
+
+        def subject() -> str:
+            # Only failures name the certificate; formatting costs time.
+            if cert is None:
+                return "(unparseable)"
+            try:
+                return cert.subject.rfc4514_string() or "(empty subject)"
+            except Exception:
+                return "(unprintable subject)"
+
         if not ok:
             if (
                 depth == 0
@@ -90,7 +99,7 @@ def make_verify_callback(
                 return True
             why = _VERIFY_ERRORS.get(errno, f"verification error {errno}")
             kind = "client certificate" if depth == 0 else "chain certificate"
-            state.failure = f"{kind} {subject}: {why}"
+            state.failure = f"{kind} {subject()}: {why}"
             return False
         if cert is None:
             state.failure = "client certificate cannot be parsed"
@@ -99,7 +108,7 @@ def make_verify_callback(
         if depth == 0:
             problem = client_certificate_problem(cert)
             if problem is not None:
-                state.failure = f"client certificate {subject} {problem}"
+                state.failure = f"client certificate {subject()} {problem}"
                 return False
             chain = tuple(state.chain[d] for d in sorted(state.chain))
             state.identity = ClientIdentity(
