@@ -201,8 +201,19 @@ class OrderedMultiService(service.MultiService):
             set_component(ILogObserver, json_observer(twistd_log_output()))
 
     def startService(self) -> None:
-        """Start the children and say what is being served."""
+        """Start the children; say what is served once the reactor runs.
+
+        twistd starts services before the reactor installs its signal
+        handlers; the announcement comes after them, so whoever waits for it
+        may send SIGTERM or SIGHUP safely.
+        """
         super().startService()
+        if self.reactor is not None:
+            self.reactor.callWhenRunning(self._announce)
+        else:
+            self._announce()
+
+    def _announce(self) -> None:
         if self.est_config is not None:
             config = self.est_config()
             ca = config.default.ca.certificate

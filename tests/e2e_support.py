@@ -178,7 +178,10 @@ class EstServer:
                 raise AssertionError(
                     f"twistd exited with {self.process.returncode}:\n{self.log_text()}"
                 )
-            return needle in self.log_text()
+            # "serving EST on" comes once the reactor runs, after twistd
+            # installed its signal handlers: signals are safe from then on.
+            text = self.log_text()
+            return needle in text and "serving EST on" in text
 
         poll(listening, f"twistd to listen on {self.port}", timeout=START_TIMEOUT)
 
