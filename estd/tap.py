@@ -379,9 +379,22 @@ class LedgerService(service.Service):
             self.ledger.close()
 
 
+LISTEN_BACKLOG = 1024
+"""Listen queue for tcp: endpoints that set none.  Twisted's default of 50
+overflows when a fleet reconnects at once: the kernel then drops SYNs and
+each dropped device waits a second or more before trying again."""
+
+
+def with_backlog(listen: str) -> str:
+    """``listen`` with a ``backlog`` if it is a tcp: endpoint without one."""
+    if listen.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in listen:
+        return f"{listen}:backlog={LISTEN_BACKLOG}"
+    return listen
+
+
 def _endpoint(reactor: Any, config: Config) -> Any:
     try:
-        return serverFromString(reactor, config.listen)
+        return serverFromString(reactor, with_backlog(config.listen))
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(
             "listen",

@@ -77,9 +77,19 @@ class MakeServiceTests(SynchronousTestCase):
         top.privilegedStartService()
         top.startService()
         self.addCleanup(top.stopService)
-        [(port, factory, _backlog, interface)] = reactor.tcpServers
+        [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (18443, "127.0.0.1"))
+        # A fleet reconnecting at once overflows Twisted's default queue of 50.
+        self.assertEqual(backlog, 1024)
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
+
+    def test_explicit_backlog_is_kept(self) -> None:
+        """A listen endpoint that sets its own backlog keeps it."""
+        from estd.tap import with_backlog
+
+        self.assertEqual(with_backlog("tcp:8443:backlog=77"), "tcp:8443:backlog=77")
+        self.assertEqual(with_backlog("tcp:8443"), "tcp:8443:backlog=1024")
+        self.assertEqual(with_backlog("unix:/run/estd.sock"), "unix:/run/estd.sock")
 
     def test_config_error_exits_before_listening(self) -> None:
         """A config error prints one line naming file and key and exits with 2."""
