@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 
@@ -59,13 +60,29 @@ def postgresql_url() -> Iterator[str]:
     try:
         yield database_url(server_url, name)
     finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            # FORCE: a connection a failed test left open must not keep it.
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)
-                )
-            )
+        drop_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop a test database, even with connections a failed test left open.
+
+    FORCE terminates those; it may not terminate an autovacuum worker (a
+    superuser process) that happens to be in the new database, so then the
+    drop is tried again until the worker has left (bounded).
+    """
+    statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+        sql.Identifier(name)
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(server_url, autocommit=True) as admin:
+                admin.execute(statement)
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # an autovacuum run takes moments
 
 
 def server_binaries() -> str | None:
