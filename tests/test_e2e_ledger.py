@@ -378,7 +378,12 @@ def ledger_setting(request: pytest.FixtureRequest) -> Iterator[str]:
         yield ""
         return
     # Imported here, once pytest has loaded (and rewritten) it as a plugin.
-    from tests.pg_support import ENVIRONMENT, SKIP_MESSAGE, database_url
+    from tests.pg_support import (
+        ENVIRONMENT,
+        SKIP_MESSAGE,
+        database_url,
+        drop_database,
+    )
 
     server_url = os.environ.get(ENVIRONMENT)
     if not server_url:
@@ -389,12 +394,7 @@ def ledger_setting(request: pytest.FixtureRequest) -> Iterator[str]:
     try:
         yield f"ledger = {database_url(server_url, name)}"
     finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)
-                )
-            )
+        drop_database(server_url, name)
 
 
 @pytest.fixture(scope="module")
