@@ -28,12 +28,14 @@ Names are matched case-insensitively; :data:`KNOWN_NAMES` lists them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import SignatureAlgorithmOID
+
+from estd.wire import elements, read_tlv
 
 RFC7030_EXAMPLE = (
     "challengePassword, ecPublicKey:secp384r1, extensionRequest:macAddress, "
@@ -246,31 +248,6 @@ def _der_oid(oid: x509.ObjectIdentifier) -> bytes:
     return _der_tlv(0x06, body)
 
 
-def _read(der: bytes, offset: int, end: int) -> tuple[int, int, int]:
-    """(tag, start of contents, end) of the element at ``offset``."""
-    if offset + 2 > end:
-        raise ValueError("truncated DER")
-    tag, size = der[offset], der[offset + 1]
-    start = offset + 2
-    if size & 0x80:
-        count = size & 0x7F
-        if not 0 < count <= 4 or start + count > end:
-            raise ValueError("unsupported DER length")
-        size = int.from_bytes(der[start : start + count], "big")
-        start += count
-    if start + size > end:
-        raise ValueError("truncated DER")
-    return tag, start, start + size
-
-
-def _elements(der: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """The (tag, start, end) of each element between ``start`` and ``end``."""
-    while start < end:
-        element = _read(der, start, end)
-        yield element
-        start = element[2]
-
-
 def _decode_oid(content: bytes) -> x509.ObjectIdentifier:
     """The OBJECT IDENTIFIER whose DER contents are ``content``."""
     if not content or content[-1] & 0x80:
@@ -322,13 +299,13 @@ def _collect(
     # subject, subjectPKInfo, attributes [0] IMPLICIT SET OF Attribute }.
     # The DER is read directly because cryptography's csr.attributes raises
     # on a multi-valued attribute, which RFC 2986 allows.
-    _, start, end = _read(tbs, 0, len(tbs))
-    fields = list(_elements(tbs, start, end))
+    _, start, end = read_tlv(tbs, 0, len(tbs))
+    fields = list(elements(tbs, start, end))
     for tag, field_start, field_end in fields[3:]:
         if tag != 0xA0:
             continue
-        for _, attr_start, attr_end in _elements(tbs, field_start, field_end):
-            parts = list(_elements(tbs, attr_start, attr_end))
+        for _, attr_start, attr_end in elements(tbs, field_start, field_end):
+            parts = list(elements(tbs, attr_start, attr_end))
             if len(parts) != 2 or parts[0][0] != 0x06:
                 raise ValueError("malformed Attribute")
             oid = _decode_oid(tbs[parts[0][1] : parts[0][2]])
@@ -336,9 +313,9 @@ def _collect(
             if oid in (_EXTENSION_REQUEST, _MS_EXTENSION_REQUEST):
                 # RFC 2985 §5.4.2: the value is Extensions ::= SEQUENCE OF
                 # Extension, each a SEQUENCE starting with its extnID.
-                for _, seq_start, seq_end in _elements(tbs, *parts[1][1:]):
-                    for _, ext_start, ext_end in _elements(tbs, seq_start, seq_end):
-                        tag, id_start, id_end = _read(tbs, ext_start, ext_end)
+                for _, seq_start, seq_end in elements(tbs, *parts[1][1:]):
+                    for _, ext_start, ext_end in elements(tbs, seq_start, seq_end):
+                        tag, id_start, id_end = read_tlv(tbs, ext_start, ext_end)
                         if tag == 0x06:
                             extensions.add(_decode_oid(tbs[id_start:id_end]))
 
@@ -456,18 +433,18 @@ def csr_attribute_values(
     a malformed attribute set.
     """
     tbs = csr.tbs_certrequest_bytes
-    _, start, end = _read(tbs, 0, len(tbs))
+    _, start, end = read_tlv(tbs, 0, len(tbs))
     values: list[tuple[int, bytes]] = []
-    for tag, field_start, field_end in list(_elements(tbs, start, end))[3:]:
+    for tag, field_start, field_end in list(elements(tbs, start, end))[3:]:
         if tag != 0xA0:
             continue
-        for _, attr_start, attr_end in _elements(tbs, field_start, field_end):
-            parts = list(_elements(tbs, attr_start, attr_end))
+        for _, attr_start, attr_end in elements(tbs, field_start, field_end):
+            parts = list(elements(tbs, attr_start, attr_end))
             if len(parts) != 2 or parts[0][0] != 0x06:
                 raise ValueError("malformed Attribute")
             if _decode_oid(tbs[parts[0][1] : parts[0][2]]) != oid:
                 continue
-            for value_tag, value_start, value_end in _elements(tbs, *parts[1][1:]):
+            for value_tag, value_start, value_end in elements(tbs, *parts[1][1:]):
                 values.append((value_tag, tbs[value_start:value_end]))
     return values
 

@@ -30,7 +30,12 @@ from estd.client import (
 )
 from estd.csrattrs import decode_oid, oid_name
 from estd.demo import write_demo
-from estd.wire import raw_subject_of_certificate, raw_subject_of_csr
+from estd.wire import (
+    elements,
+    raw_subject_of_certificate,
+    raw_subject_of_csr,
+    read_tlv,
+)
 
 PASSWORD_ENV = "ESTCTL_PASSWORD"  # noqa: S105 - a variable name, not a password
 """Environment variable with the HTTP Basic password (or the new one, passwd)."""
@@ -333,30 +338,6 @@ def _passwd(args: argparse.Namespace) -> int:
 # --- csrattrs, readable --------------------------------------------------------------
 
 
-def _tlv(der: bytes, offset: int) -> tuple[int, int, int]:
-    if offset + 2 > len(der):
-        raise ValueError("truncated")
-    tag, length, position = der[offset], der[offset + 1], offset + 2
-    if length & 0x80:
-        count = length & 0x7F
-        if not 0 < count <= 4 or position + count > len(der):
-            raise ValueError("bad length")
-        length = int.from_bytes(der[position : position + count], "big")
-        position += count
-    if position + length > len(der):
-        raise ValueError("truncated")
-    return tag, position, position + length
-
-
-def _children(der: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
-    children = []
-    while start < end:
-        child = _tlv(der, start)
-        children.append(child)
-        start = child[2]
-    return children
-
-
 def _oid_text(contents: bytes) -> str:
     oid = decode_oid(contents)
     name = oid_name(oid)
@@ -376,7 +357,7 @@ def _value_text(der: bytes, tag: int, start: int, end: int, depth: int = 0) -> s
         return repr(contents.decode("utf-16-be" if tag == 0x1E else "utf-8", "replace"))
     if tag in (0x30, 0x31) and depth < 8:
         inner = ", ".join(
-            _value_text(der, *child, depth + 1) for child in _children(der, start, end)
+            _value_text(der, *child, depth + 1) for child in elements(der, start, end)
         )
         return "{" + inner + "}"
     return f"[tag 0x{tag:02x}] {contents.hex()}"
@@ -384,20 +365,20 @@ def _value_text(der: bytes, tag: int, start: int, end: int, depth: int = 0) -> s
 
 def describe_csrattrs(der: bytes) -> list[str]:
     """One line per entry of a CsrAttrs ``SEQUENCE OF AttrOrOID`` (RFC 7030 §4.5.2)."""
-    tag, start, end = _tlv(der, 0)
+    tag, start, end = read_tlv(der, 0)
     if tag != 0x30:
         raise ValueError("not a SEQUENCE")
     lines = []
-    for item_tag, item_start, item_end in _children(der, start, end):
+    for item_tag, item_start, item_end in elements(der, start, end):
         if item_tag == 0x06:
             lines.append(f"oid {_oid_text(der[item_start:item_end])}")
         elif item_tag == 0x30:
-            fields = _children(der, item_start, item_end)
+            fields = list(elements(der, item_start, item_end))
             if len(fields) != 2 or fields[0][0] != 0x06 or fields[1][0] != 0x31:
                 raise ValueError("an Attribute is not SEQUENCE {OID, SET}")
             (_, oid_start, oid_end), (_, set_start, set_end) = fields
             values = [
-                _value_text(der, *value) for value in _children(der, set_start, set_end)
+                _value_text(der, *value) for value in elements(der, set_start, set_end)
             ]
             lines.append(
                 f"attribute {_oid_text(der[oid_start:oid_end])}: " + ", ".join(values)

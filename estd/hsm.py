@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from estd.ca import SignerPublicKey, encode_der, load_private_key
-from estd.wire import _read_tlv, _sequence_children
+from estd.wire import _sequence_children, read_tlv
 
 SCHEME = "pkcs11:"
 
@@ -625,7 +625,7 @@ def _ec_public_key(params: bytes, point: bytes) -> ec.EllipticCurvePublicKey | N
     # reading gives a point on the curve.
     candidates = [point]
     with contextlib.suppress(ValueError):
-        tag, start, end = _read_tlv(point, 0)
+        tag, start, end = read_tlv(point, 0)
         if tag == 0x04 and end == len(point):
             candidates.insert(0, point[start:end])
     for candidate in candidates:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import enum
 import re
+from collections.abc import Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -146,33 +147,43 @@ def certs_only(certificates: list[x509.Certificate]) -> bytes:
 # not cryptography's re-serialisation of a parsed Name.
 
 
-def _read_tlv(der: bytes, offset: int) -> tuple[int, int, int]:
-    """Return (tag, start of contents, end of element) of the TLV at ``offset``."""
-    if offset + 2 > len(der):
+def read_tlv(der: bytes, offset: int, end: int | None = None) -> tuple[int, int, int]:
+    """(tag, start of contents, end of element) of the TLV at ``offset``.
+
+    ``end`` bounds the element (default: the end of ``der``); DER lengths of
+    up to four octets are read.  Raises ``ValueError`` for malformed input.
+    """
+    limit = len(der) if end is None else end
+    if offset + 2 > limit:
         raise ValueError("truncated DER")
-    tag = der[offset]
-    length = der[offset + 1]
-    pos = offset + 2
+    tag, length, pos = der[offset], der[offset + 1], offset + 2
     if length & 0x80:
         count = length & 0x7F
-        if count == 0 or count > 4 or pos + count > len(der):
+        if not 0 < count <= 4 or pos + count > limit:
             raise ValueError("unsupported DER length")
         length = int.from_bytes(der[pos : pos + count], "big")
         pos += count
-    end = pos + length
-    if end > len(der):
+    if pos + length > limit:
         raise ValueError("truncated DER")
-    return tag, pos, end
+    return tag, pos, pos + length
+
+
+def elements(der: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(tag, start of contents, end) of each TLV between ``start`` and ``end``."""
+    while start < end:
+        element = read_tlv(der, start, end)
+        yield element
+        start = element[2]
 
 
 def _sequence_children(der: bytes) -> list[bytes]:
     """The encoded elements inside the outermost SEQUENCE of ``der``."""
-    tag, pos, end = _read_tlv(der, 0)
+    tag, pos, end = read_tlv(der, 0)
     if tag != 0x30:
         raise ValueError("not a SEQUENCE")
     children = []
     while pos < end:
-        _, _, child_end = _read_tlv(der, pos)
+        _, _, child_end = read_tlv(der, pos, end)
         children.append(der[pos:child_end])
         pos = child_end
     return children
