@@ -1203,3 +1203,11 @@ def test_sample_config_loads_and_names_every_key(tmp_path: Path) -> None:
     text = example.read_text()
     missing = [key.name for key in KEYS if f"{key.name} =" not in text]
     assert missing == []
+
+
+def test_readme_names_every_key() -> None:
+    """README.rst's configuration table mentions every est.ini key."""
+    from estd.config import KEYS
+
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    assert [key.name for key in KEYS if f"``{key.name}``" not in readme] == []
