@@ -281,6 +281,8 @@ class Settings:
     fail_on_errors: bool
     optional_workers: bool
     """Matrix: a server that refuses --workers N is reported and skipped."""
+    reference: bool = False
+    """Also measure the handshake cases on bench/refserver.py: the floor."""
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:
@@ -520,6 +522,7 @@ class Runner:
         result: dict[str, Any] = {
             "case": case,
             "mode": "burst" if burst is not None else "closed",
+            "server": self.server.label,
             "server_workers": self.server.workers,
             "server_args": self.server.extra_args,
             "concurrency": concurrency,
@@ -626,7 +629,7 @@ def table(results: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> str:
             notes.append("; ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())))
         rows.append(
             (
-                f"workers={r['server_workers']}",
+                r.get("server", f"workers={r['server_workers']}"),
                 r["case"] + (" burst" if r["mode"] == "burst" else ""),
                 str(r["concurrency"]),
                 _fmt(r["rps"], 1),
@@ -675,6 +678,13 @@ def _tls_share(results: list[dict[str, Any]]) -> list[str]:
     }
     lines = []
     for r in results:
+        if r.get("server") == "reference":
+            lines.append(
+                f"  floor on this machine, {r['case']} @ {r['concurrency']}: "
+                f"{r['server_cpu_ms_per_request']:.3f} ms in the minimal "
+                "pyOpenSSL server (bench/refserver.py)"
+            )
+            continue
         if r["case"] in HANDSHAKE_CASES or r["mode"] != "closed":
             continue
         kind = "handshake-anon" if r["case"] == "cacerts" else "handshake"
@@ -704,13 +714,21 @@ def run(settings: Settings, pki: Path | None, workdir: Path) -> tuple[list, list
     devices = device_paths(pki, needed)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    for workers in settings.workers:
-        server = Server(
+    servers = [
+        Server(
             pki=pki,
             workdir=workdir / f"server-workers-{workers}",
             workers=workers,
             extra_args=settings.server_args,
         )
+        for workers in settings.workers
+    ]
+    if settings.reference:
+        servers.insert(
+            0, Server(pki=pki, workdir=workdir / "reference", workers=0, reference=True)
+        )
+    for server in servers:
+        workers = server.workers
         try:
             server.start()
         except ServerFailed as exc:
@@ -720,19 +738,22 @@ def run(settings: Settings, pki: Path | None, workdir: Path) -> tuple[list, list
                 continue
             raise
         _log(
-            f"bench: server workers={workers} on 127.0.0.1:{server.port}, "
+            f"bench: server {server.label} on 127.0.0.1:{server.port}, "
             f"{len(server.pids())} process(es); log {server.log_path}"
         )
         runner = None
         try:
             runner = Runner(server, settings, devices)
-            for case in settings.cases:
+            cases = settings.cases
+            if server.reference:
+                cases = [case for case in cases if case in HANDSHAKE_CASES]
+            for case in cases:
                 for concurrency in settings.concurrency:
-                    _log(f"bench: workers={workers} {case} @ {concurrency} ...")
+                    _log(f"bench: {server.label} {case} @ {concurrency} ...")
                     result = runner.closed_loop(case, concurrency)
                     _emit(result)
                     results.append(result)
-            if settings.burst:
+            if settings.burst and not server.reference:
                 _log(
                     f"bench: workers={workers} burst of {settings.burst} devices "
                     f"@ {settings.burst_concurrency} ..."
@@ -830,6 +851,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--retry-cap", type=float, default=1.0, help="longest Retry-After honoured [1]"
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run the handshake cases against bench/refserver.py, a "
+        "minimal pyOpenSSL server: this machine's TLS floor (on with --matrix)",
+    )
     parser.add_argument("--pki", type=Path, help="reuse an `estctl demo` directory")
     parser.add_argument("--workdir", type=Path, help="keep PKI, logs, ledgers here")
     parser.add_argument(
@@ -905,6 +932,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retry_cap=args.retry_cap,
         fail_on_errors=args.fail_on_errors or args.smoke,
         optional_workers=args.matrix,
+        reference=args.reference or args.matrix,
     )
 
 

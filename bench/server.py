@@ -176,14 +176,21 @@ class MemorySampler:
 
 @dataclass
 class Server:
-    """One ``twistd -n est`` on a free loopback port."""
+    """One ``twistd -n est`` on a free loopback port (or, with ``reference``,
+    :mod:`bench.refserver`: the minimal pyOpenSSL server, workers 0)."""
 
     pki: Path
     workdir: Path
     workers: int = 1
+    reference: bool = False
     extra_args: list[str] = field(default_factory=list)
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def label(self) -> str:
+        """How reports name this server."""
+        return "reference" if self.reference else f"workers={self.workers}"
 
     @property
     def log_path(self) -> Path:
@@ -192,6 +199,16 @@ class Server:
 
     def argv(self) -> list[str]:
         """The command line that starts the server."""
+        if self.reference:
+            return [
+                sys.executable,
+                "-m",
+                "bench.refserver",
+                "--pki",
+                str(self.pki),
+                "--port",
+                str(self.port),
+            ]
         args = [
             *twistd_command(),
             "-n",
