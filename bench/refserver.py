@@ -27,7 +27,7 @@ os.environ.setdefault(
     str(Path(__file__).resolve().parent.parent / "estd" / "openssl.cnf"),
 )
 
-from OpenSSL import SSL, crypto  # noqa: E402
+from OpenSSL import SSL, crypto
 
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"

@@ -6,9 +6,13 @@ ledger); what differs (connecting, placeholders, two column types, one
 string function, error classes, the migration lock) lives in the two
 ``_Backend`` classes.
 
-Each thread has its own connection.  A connection that fails is dropped and
-the next call connects again, so a database that went away and came back
-works without reopening the :class:`Ledger`.
+Each thread reads on its own connection.  A connection that fails is dropped
+and the next call connects again, so a database that went away and came back
+works without reopening the :class:`Ledger`.  SQLite writes go through one
+writer thread that commits whatever is queued together (group commit: one
+fsync for several concurrent issuances, see :mod:`estd.groupcommit`);
+PostgreSQL writes run on each thread's connection, since the server commits
+concurrent transactions together itself.
 
 Timestamps are stored as whole UTC epoch seconds; serial numbers as 40
 lower-case hex digits, which sort and compare like the 160-bit numbers they
@@ -36,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from estd.ca import serial_hex
+from estd.groupcommit import Closed, GroupCommitter
 from estd.wire import raw_subject_of_certificate
 
 REVOCATION_REASONS = frozenset(
@@ -445,6 +450,8 @@ class _Backend(abc.ABC):
     """What differs between SQLite and PostgreSQL."""
 
     begin_write: ClassVar[str]
+    group_commit: ClassVar[bool] = False
+    """Writes go through one writer thread (see :mod:`estd.groupcommit`)."""
     column_types: ClassVar[dict[str, str]]
     contains: ClassVar[str]
     """SQL testing that column {column} contains the text parameter."""
@@ -491,6 +498,8 @@ class _SQLite(_Backend):
     # IMMEDIATE takes the write lock at BEGIN, so writers queue on the busy
     # timeout instead of failing when a read transaction tries to upgrade.
     begin_write = "BEGIN IMMEDIATE"
+    # One writer at a time, an fsync per commit: batch them.
+    group_commit = True
     column_types: ClassVar[dict[str, str]] = {
         "blob": "BLOB",
         "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -657,6 +666,16 @@ class Ledger:
         self._sessions: set[_Session] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._writer: GroupCommitter[_Session] | None = None
+        if backend.group_commit:
+            self._writer = GroupCommitter(
+                backend.connect,
+                backend.begin_write,
+                fatal=lambda exc: (
+                    isinstance(exc, Exception) and backend.problem(exc) == "unavailable"
+                ),
+                drop=lambda session: session.close(),
+            )
 
     @classmethod
     def open(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Ledger:
@@ -680,6 +699,8 @@ class Ledger:
         with self._lock:
             self._closed = True
             sessions, self._sessions = self._sessions, set()
+        if self._writer is not None:
+            self._writer.close()
         for session in sessions:
             session.close()
 
@@ -728,6 +749,8 @@ class Ledger:
     def _run(self, work: Callable[[_Session], T], *, write: bool) -> T:
         """Run ``work`` on this thread's connection, in a write transaction
         if ``write``, turning driver errors into ledger errors."""
+        if write and self._writer is not None:
+            return self._write(work)
         retried = False
         while True:
             session, reused = self._session()
@@ -753,6 +776,23 @@ class Ledger:
                     retried = True
                     continue
                 raise LedgerUnavailable(f"the ledger is unavailable: {exc}") from exc
+
+    def _write(self, work: Callable[[_Session], T]) -> T:
+        """Run ``work`` in the group committer's next transaction."""
+        assert self._writer is not None
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        try:
+            return self._writer.run(work)
+        except Closed:
+            raise LedgerError("the ledger is closed") from None
+        except Exception as exc:
+            problem = self._backend.problem(exc)
+            if problem is None:
+                raise
+            if problem == "conflict":
+                raise _Conflict(str(exc)) from exc
+            raise LedgerUnavailable(f"the ledger is unavailable: {exc}") from exc
 
     def _migrate(self, session: _Session) -> None:
         with self._backend.migration_lock(session):
