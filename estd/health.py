@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -28,6 +27,7 @@ from twisted.web import http, resource, server
 from estd.config import Config
 from estd.ledger import Ledger
 from estd.metrics import Metrics
+from estd.pool import in_thread
 
 log = Logger(namespace="estd")
 
@@ -110,7 +110,7 @@ class Readiness:
     def _in_pool(
         self, function: Callable[[], None], too_slow: str, failed: str
     ) -> defer.Deferred[None]:
-        work: defer.Deferred[None] = deferToThreadPool(
+        work: defer.Deferred[None] = in_thread(
             self._reactor, self._threadpool, function
         )
         work.addTimeout(self._timeout, self._reactor)

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from estd.metrics import Metrics
+from estd.tls import EstTLSProtocol
 
 log = Logger(namespace="estd")
 
@@ -186,6 +187,8 @@ class ConnectionLimitedTLSFactory(TLSMemoryBIOFactory):
     socket at once, before a byte of TLS is read or written.  The count is
     of connections this factory holds open (``WrappingFactory.protocols``).
     """
+
+    protocol = EstTLSProtocol
 
     def __init__(
         self,

@@ -265,13 +265,18 @@ class Metrics:
 
 
 def thread_pool_statistics(threadpool: object) -> tuple[int, int] | None:
-    """(queued work items, busy threads) of a Twisted ``ThreadPool``, or None.
+    """(queued work items, busy threads) of a thread pool, or None.
 
+    estd's :class:`~estd.pool.SigningThreadPool` says so itself.
     Twisted keeps these in the pool's ``Team`` (``_team.statistics()``,
     stable since Twisted 15.5); the ``working`` list and ``_queue.qsize()``
     are the older spellings it still provides.  Anything else (a test's
     synchronous pool) has no statistics.
     """
+    own = getattr(threadpool, "statistics", None)
+    if callable(own):
+        queued, busy = own()
+        return int(queued), int(busy)
     team = getattr(threadpool, "_team", None)
     statistics = getattr(team, "statistics", None)
     if callable(statistics):

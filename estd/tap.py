@@ -15,7 +15,6 @@ import datetime
 import re
 import signal
 import sys
-import threading
 from collections.abc import Callable, Generator
 from typing import Any, ClassVar
 
@@ -23,11 +22,9 @@ from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from estd import __version__
 from estd.config import KEYS, Config, Key, load_config
@@ -37,6 +34,7 @@ from estd.ledger import Ledger, LedgerError
 from estd.limits import ConnectionLimitedTLSFactory
 from estd.logs import json_observer, twistd_log_output
 from estd.metrics import Metrics
+from estd.pool import SigningThreadPool, in_thread
 from estd.reload import ConfigHolder, ConfigService
 from estd.site import EstSite
 from estd.tls import ServerTLS
@@ -78,24 +76,6 @@ class Options(usage.Options):
         return {key.name: self[key.name] for key in KEYS}
 
 
-class _DaemonThread(threading.Thread):
-    """A thread that does not keep the process alive."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.daemon = True
-
-
-class SigningThreadPool(ThreadPool):
-    """A thread pool whose threads never keep the process alive.
-
-    After shutdown-timeout, work still signing is abandoned: the process
-    must be able to exit without joining it.
-    """
-
-    threadFactory = _DaemonThread
-
-
 class Shutdown:
     """What the stopping services tell each other."""
 
@@ -107,7 +87,7 @@ class ThreadPoolService(service.Service):
     """Starts the signing thread pool with the service, stops it after."""
 
     def __init__(
-        self, threadpool: ThreadPool, shutdown: Shutdown | None = None
+        self, threadpool: SigningThreadPool, shutdown: Shutdown | None = None
     ) -> None:
         self.threadpool = threadpool
         self.shutdown = shutdown or Shutdown()
@@ -333,7 +313,7 @@ class LedgerService(service.Service):
         self,
         ledger: Ledger,
         reactor: Any,
-        threadpool: ThreadPool,
+        threadpool: SigningThreadPool,
         shutdown: Shutdown | None = None,
     ) -> None:
         self.shutdown = shutdown or Shutdown()
@@ -353,9 +333,7 @@ class LedgerService(service.Service):
 
     def _expire(self) -> defer.Deferred[None]:
         now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
-        work = deferToThreadPool(
-            self.reactor, self.threadpool, self.ledger.expire_pending, now
-        )
+        work = in_thread(self.reactor, self.threadpool, self.ledger.expire_pending, now)
 
         def expired(count: int) -> None:
             if count:
@@ -426,9 +404,7 @@ def build_service(
 ) -> OrderedMultiService:
     """Wire a validated configuration to an endpoint: TLS, site, thread pool."""
     holder = ConfigHolder(config)
-    threadpool = SigningThreadPool(
-        minthreads=0, maxthreads=config.threads, name="estd-signing"
-    )
+    threadpool = SigningThreadPool(config.threads)
     shutdown = Shutdown()
     metrics = Metrics(holder, reactor.seconds, threadpool)
     site = build_site(holder, reactor, threadpool, ledger=ledger, metrics=metrics)

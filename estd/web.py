@@ -18,10 +18,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server
 
 from estd.auth import FailureThrottle, parse_basic_authorization
@@ -41,6 +39,7 @@ from estd.ledger import Ledger, LedgerUnavailable
 from estd.limits import OVERLOAD_REASON, OVERLOAD_RETRY_AFTER
 from estd.metrics import Metrics
 from estd.policy import Operation
+from estd.pool import WorkerPool, in_thread
 from estd.site import EstRequest, EstSite
 from estd.tls import channel_binding
 from estd.wire import CSRATTRS, PKCS7_MIME, PKCS10, PKIX_CRL, encode_base64, media_type
@@ -181,7 +180,7 @@ class Machinery:
 
     reactor: Any
     """Provides IReactorTime and IReactorFromThreads."""
-    threadpool: ThreadPool
+    threadpool: WorkerPool
     throttle: FailureThrottle
     ledger: Ledger | None = None
     crls: CrlPublisher | None = None
@@ -194,7 +193,7 @@ class Machinery:
         self, function: Callable[..., Any], *args: Any
     ) -> defer.Deferred[Any]:
         """Run ``function(*args)`` in the signing thread pool."""
-        return deferToThreadPool(self.reactor, self.threadpool, function, *args)
+        return in_thread(self.reactor, self.threadpool, function, *args)
 
 
 class CsrAttrsResource(EstResource):
@@ -485,7 +484,7 @@ class RootResource(resource.Resource):
 def build_site(
     config_source: ConfigSource,
     reactor: Any,
-    threadpool: ThreadPool,
+    threadpool: WorkerPool,
     throttle: FailureThrottle | None = None,
     ledger: Ledger | None = None,
     metrics: Metrics | None = None,

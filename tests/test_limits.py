@@ -22,12 +22,14 @@ from typing import Any
 
 import pytest
 from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import providedBy
 
 import estd.site
 from estd.config import Config
@@ -35,7 +37,7 @@ from estd.ledger import Ledger
 from estd.limits import ConnectionLimitedTLSFactory
 from estd.metrics import Metrics
 from estd.site import EstChannel, EstSite
-from estd.tls import ServerTLS
+from estd.tls import EstTLSProtocol, ServerTLS
 from estd.web import build_site
 from tests.e2e_support import EstServer, free_port, poll, run
 from tests.pki import demo_config, demo_pki, one_line_base64
@@ -656,6 +658,19 @@ class MaxConnectionsTests(SynchronousTestCase):
             ),
             1,
         )
+
+    def test_tls_protocol_offers_the_transports_interfaces(self) -> None:
+        """estd's TLS protocol declares every interface of the transport it
+        wraps (Twisted's own loop left only the last one declared)."""
+        client, pump = self.connect()
+        self.assertEqual(self.ask(client, pump), b"HTTP/1.1 200 OK")
+        (protocol,) = self.factory.protocols
+        self.assertIsInstance(protocol, EstTLSProtocol)
+        wrapped = list(providedBy(protocol.transport))
+        self.assertGreater(len(wrapped), 1)
+        for interface in wrapped:
+            self.assertTrue(interface.providedBy(protocol), interface)
+        self.assertTrue(ISSLTransport.providedBy(protocol))
 
     def test_closed_connection_frees_its_place(self) -> None:
         """Once a connection closes, a new one is accepted."""
