@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from estd.ca import serial_hex
 from estd.groupcommit import Closed, GroupCommitter
-from estd.wire import raw_subject_of_certificate
+from estd.wire import raw_subject_and_key_of_certificate
 
 REVOCATION_REASONS = frozenset(
     {
@@ -149,21 +149,18 @@ class IssuanceRecord:
         issued_at: datetime.datetime,
     ) -> IssuanceRecord:
         """The record of ``certificate``, issued by ``issuer_certificate``."""
-        spki = certificate.public_key().public_bytes(
-            serialization.Encoding.DER,
-            serialization.PublicFormat.SubjectPublicKeyInfo,
-        )
+        subject_der, spki = raw_subject_and_key_of_certificate(certificate)
         return cls(
             serial=certificate.serial_number,
             label=label,
             operation=operation,
             subject=certificate.subject.rfc4514_string(),
-            subject_der=raw_subject_of_certificate(certificate),
+            subject_der=subject_der,
             san=san_text(certificate),
             public_key_sha256=hashlib.sha256(spki).hexdigest(),
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
-            issuer=issuer_certificate.fingerprint(hashes.SHA256()).hex(),
+            issuer=fingerprint_hex(issuer_certificate),
             client_serial=(
                 serial_hex(client_certificate.serial_number)
                 if client_certificate is not None
@@ -179,6 +176,12 @@ class IssuanceRecord:
             issued_at=issued_at,
             der=certificate.public_bytes(serialization.Encoding.DER),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def fingerprint_hex(certificate: x509.Certificate) -> str:
+    """Hex SHA-256 fingerprint of a (CA) certificate, computed once per CA."""
+    return certificate.fingerprint(hashes.SHA256()).hex()
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,10 @@ def request_operation(uri: bytes, labels: Iterable[str]) -> tuple[str, str]:
     return OTHER, ""
 
 
+ANSWERED_CACHE = 256
+"""URIs (with status) whose request counter Metrics.request_answered keeps."""
+
+
 class Metrics:
     """estd's metrics in a registry of their own; :meth:`render` is /metrics.
 
@@ -206,13 +210,29 @@ class Metrics:
         )
         self.registry.register(ThreadPoolCollector(threadpool))
         self.registry.register(ExpiryCollector(config_source, clock))
+        self._answered: dict[tuple[bytes, int], Any] = {}
+        """(URI, status) -> its child of ``requests``, for the current labels."""
+        self._answered_labels: object = None
 
     # --- Hooks ---
 
     def request_answered(self, uri: bytes, status: int) -> None:
-        """Count one answered request (called once per request, when logged)."""
-        operation, label = request_operation(uri, self._config_source().labels)
-        self.requests.labels(operation, label, str(status)).inc()
+        """Count one answered request (called once per request, when logged).
+
+        The counter of an EST operation's URI is remembered (per set of
+        labels, at most ANSWERED_CACHE of them): devices ask the same few
+        paths over and over, and parsing each costs more than counting.
+        """
+        labels = self._config_source().labels
+        if labels is not self._answered_labels:
+            self._answered, self._answered_labels = {}, labels
+        child = self._answered.get((uri, status))
+        if child is None:
+            operation, label = request_operation(uri, labels)
+            child = self.requests.labels(operation, label, str(status))
+            if operation != OTHER and len(self._answered) < ANSWERED_CACHE:
+                self._answered[uri, status] = child
+        child.inc()
 
     def handshake_failed(self, reason: str) -> None:
         """Count one failed TLS handshake, by the category of its reason."""

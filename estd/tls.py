@@ -9,10 +9,11 @@ resource decides what identity it needs.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ITransport
 from twisted.internet.protocol import Protocol
@@ -61,13 +62,23 @@ def make_verify_callback(
     clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(
         datetime.UTC
     ),
+    anchors: Sequence[x509.Certificate] = (),
 ) -> Callable[[SSL.Connection, crypto.X509, int, int, int], bool]:
     """The verify callback for a configuration.
 
     ``reenroll_grace`` is the longest re-enrollment grace of any label: an
     expired client certificate within it is let in, marked expired, and the
-    label decides (only ``simplereenroll`` takes it).
+    label decides (only ``simplereenroll`` takes it).  ``anchors`` are the
+    configured trust anchors, already parsed: a chain certificate that is
+    one of them (by its DER) is not parsed again on every handshake.
     """
+    known = {
+        anchor.public_bytes(serialization.Encoding.DER): anchor for anchor in anchors
+    }
+
+    def parsed(certificate: crypto.X509) -> x509.Certificate:
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
+        return known.get(der) or x509.load_der_x509_certificate(der)
 
     def verify(
         connection: SSL.Connection,
@@ -78,7 +89,7 @@ def make_verify_callback(
     ) -> bool:
         state: HandshakeState = connection.estd_handshake  # type: ignore[attr-defined]
         try:
-            cert: x509.Certificate | None = certificate.to_cryptography()
+            cert: x509.Certificate | None = parsed(certificate)
         except Exception:  # never let a callback raise into OpenSSL
             cert = None
 
@@ -149,7 +160,7 @@ def build_context(config: Config) -> SSL.Context:
     # clients then always send theirs).
     context.set_verify(
         SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE,
-        make_verify_callback(config.max_reenroll_grace),
+        make_verify_callback(config.max_reenroll_grace, anchors=config.trust_anchors),
     )
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_session_id(b"estd")

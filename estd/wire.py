@@ -197,8 +197,15 @@ def raw_subject_of_csr(csr: x509.CertificateSigningRequest) -> bytes:
 
 def raw_subject_of_certificate(certificate: x509.Certificate) -> bytes:
     """The subject Name of a certificate exactly as its issuer encoded it."""
+    return raw_subject_and_key_of_certificate(certificate)[0]
+
+
+def raw_subject_and_key_of_certificate(
+    certificate: x509.Certificate,
+) -> tuple[bytes, bytes]:
+    """(subject Name, SubjectPublicKeyInfo) of a certificate, as encoded."""
     fields = _sequence_children(certificate.tbs_certificate_bytes)
     if fields[0][:1] == b"\xa0":  # [0] EXPLICIT version is present
         fields = fields[1:]
-    # serialNumber, signature, issuer, validity, subject
-    return fields[4]
+    # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
+    return fields[4], fields[5]

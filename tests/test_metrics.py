@@ -169,6 +169,28 @@ class RequestOperationTests(SynchronousTestCase):
             self.assertEqual((uri, request_operation(uri, labels)), (uri, expected))
 
 
+class RequestCounterCacheTests(SynchronousTestCase):
+    """request_answered remembers counters per URI, but never across reloads."""
+
+    def test_counts_follow_a_reload_that_drops_a_label(self) -> None:
+        config = labelled_config()
+        metrics = Metrics(lambda: config, lambda: 0.0)
+        uri = (EST + "rfc/simplereenroll").encode()
+        for _ in range(3):
+            metrics.request_answered(uri, 200)
+        metrics.request_answered(b"/no/such/" + b"x" * 10, 404)
+        config = demo_config()  # reloaded: no "rfc" label any more
+        metrics.request_answered(uri, 200)
+        self.assertEqual(
+            named(scrape(metrics), "estd_requests_total"),
+            {
+                request_labels("simplereenroll", "rfc", 200): 3,
+                request_labels("other", "", 200): 1,
+                request_labels("other", "", 404): 1,
+            },
+        )
+
+
 class HandshakeCategoryTests(SynchronousTestCase):
     """The fixed set of handshake failure reasons."""
 

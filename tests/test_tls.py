@@ -381,6 +381,9 @@ class ClientCertificateTests(SynchronousTestCase):
         self.assertEqual(
             client_identity(connection.server_tls), connection.server.identity
         )
+        # The anchor is the configured certificate object, not a re-parse.
+        anchor = connection.server.identity.chain[-1]
+        self.assertTrue(any(anchor is a for a in pki.config.trust_anchors))
 
     def test_device_renewed_by_the_est_ca(self) -> None:
         """A certificate issued by the EST CA is accepted: the EST CA is an anchor."""
