@@ -3,10 +3,12 @@
 A SQLite ledger takes one writer at a time, and every commit in
 ``synchronous=FULL`` waits for an fsync.  With each signing thread writing
 its own transactions, concurrent renewals queue on SQLite's busy handler
-(which polls by sleeping) and pay one fsync each.  Here one thread owns the
-write connection: callers hand it their work and block until it is durable;
-it runs everything queued meanwhile in one transaction, each piece under its
-own savepoint, and commits once.
+(which polls by sleeping) and pay one fsync each.  Here the threads share
+one write connection and take turns leading: a thread that finds no commit
+in progress runs its own work at once (no handoff); threads that arrive
+while one is in progress queue, and when it ends the next leader takes the
+whole queue into one transaction, each piece under its own savepoint, and
+commits once for all of them.
 
 What a caller sees does not change: :meth:`GroupCommitter.run` returns when
 its work is committed, or raises.  A piece of work that raises has only its
@@ -20,7 +22,7 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -44,19 +46,19 @@ class Closed(Exception):
 @dataclass(eq=False)
 class _Job(Generic[S]):
     work: Callable[[S], Any]
-    done: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
     result: Any = None
     error: BaseException | None = None
 
 
 class GroupCommitter(Generic[S]):
-    """Runs write transactions on one thread, several per commit.
+    """Runs write transactions for many threads, several per commit.
 
-    ``connect`` makes the writer's session (called on the writer thread);
-    ``begin`` starts a write transaction; ``fatal(exc, session)`` says
-    whether an exception raised by a piece of work is the database's
-    failure (True: the whole batch fails with it and the session is
-    dropped) or the work's own (False: only that piece fails).
+    ``connect`` makes the shared write session (used by one thread at a
+    time, the leader); ``begin`` starts a write transaction; ``fatal(exc)``
+    says whether an exception raised by a piece of work is the database's
+    failure (True: the whole batch fails with it and the session is dropped
+    with ``drop``) or the work's own (False: only that piece fails).
     """
 
     def __init__(
@@ -65,16 +67,14 @@ class GroupCommitter(Generic[S]):
         begin: str,
         fatal: Callable[[BaseException], bool],
         drop: Callable[[S], None],
-        name: str = "estd-ledger-writer",
     ) -> None:
         self._connect = connect
         self._begin = begin
         self._fatal = fatal
         self._drop = drop
-        self._name = name
         self._queue: collections.deque[_Job[S]] = collections.deque()
-        self._wakeup = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._turn = threading.Condition()
+        self._leading = False
         self._closed = False
         self._session: S | None = None
         self.batches = 0
@@ -85,17 +85,34 @@ class GroupCommitter(Generic[S]):
     def run(self, work: Callable[[S], T]) -> T:
         """Run ``work(session)`` in a write transaction; return once committed."""
         job: _Job[S] = _Job(work)
-        with self._wakeup:
+        turn = self._turn
+        with turn:
             if self._closed:
                 raise Closed("the ledger is closed")
             self._queue.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name=self._name, daemon=True
-                )
-                self._thread.start()
-            self._wakeup.notify()
-        job.done.wait()
+            while True:
+                while self._leading and not job.finished:
+                    turn.wait()
+                if job.finished:
+                    break
+                if self._closed:
+                    self._queue.remove(job)
+                    raise Closed("the ledger is closed")
+                # Lead: take everything queued (ours among it, oldest first).
+                self._leading = True
+                count = min(MAX_BATCH, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(count)]
+                turn.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    turn.acquire()
+                    for piece in batch:
+                        piece.finished = True
+                    self.batches += 1
+                    self.pieces += len(batch)
+                    self._leading = False
+                    turn.notify_all()
         if job.error is not None:
             raise job.error
         result: T = job.result
@@ -103,44 +120,23 @@ class GroupCommitter(Generic[S]):
 
     def queued(self) -> int:
         """Pieces of work waiting for the next transaction."""
-        with self._wakeup:
+        with self._turn:
             return len(self._queue)
 
     def close(self) -> None:
-        """Finish the batch in hand, fail whatever else is queued, stop."""
-        with self._wakeup:
+        """Let the batch in hand finish, fail whatever else is queued, stop."""
+        with self._turn:
             self._closed = True
-            self._wakeup.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        for job in self._take(len(self._queue)):
-            job.error = Closed("the ledger is closed")
-            job.done.set()
-        if self._session is not None:
-            self._drop(self._session)
-            self._session = None
-
-    def _take(self, most: int) -> list[_Job[S]]:
-        with self._wakeup:
-            count = min(most, len(self._queue))
-            return [self._queue.popleft() for _ in range(count)]
-
-    def _loop(self) -> None:
-        while True:
-            with self._wakeup:
-                while not self._queue and not self._closed:
-                    self._wakeup.wait()
-                if self._closed:
-                    return
-            batch = self._take(MAX_BATCH)
-            try:
-                self._commit(batch)
-            finally:
-                self.batches += 1
-                self.pieces += len(batch)
-                for job in batch:
-                    job.done.set()
+            while self._leading:
+                self._turn.wait()
+            for job in self._queue:
+                job.error = Closed("the ledger is closed")
+                job.finished = True
+            self._queue.clear()
+            self._turn.notify_all()
+            if self._session is not None:
+                self._drop(self._session)
+                self._session = None
 
     def _commit(self, batch: list[_Job[S]]) -> None:
         try:

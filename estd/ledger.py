@@ -8,8 +8,8 @@ string function, error classes, the migration lock) lives in the two
 
 Each thread reads on its own connection.  A connection that fails is dropped
 and the next call connects again, so a database that went away and came back
-works without reopening the :class:`Ledger`.  SQLite writes go through one
-writer thread that commits whatever is queued together (group commit: one
+works without reopening the :class:`Ledger`.  SQLite writes share one
+connection and commit whatever queued meanwhile together (group commit: one
 fsync for several concurrent issuances, see :mod:`estd.groupcommit`);
 PostgreSQL writes run on each thread's connection, since the server commits
 concurrent transactions together itself.
@@ -454,7 +454,7 @@ class _Backend(abc.ABC):
 
     begin_write: ClassVar[str]
     group_commit: ClassVar[bool] = False
-    """Writes go through one writer thread (see :mod:`estd.groupcommit`)."""
+    """Writes share one connection, batched (see :mod:`estd.groupcommit`)."""
     column_types: ClassVar[dict[str, str]]
     contains: ClassVar[str]
     """SQL testing that column {column} contains the text parameter."""

@@ -1,9 +1,9 @@
 """Group commit: several threads' write transactions, one commit per batch.
 
 The committer runs on a real SQLite file.  To make a batch form on purpose,
-a first piece of work holds the writer thread on an event while the other
+a first piece of work holds the leading thread on an event while the other
 threads queue behind it (:meth:`GroupCommitter.queued` says when they have);
-releasing it lets the writer take them all into one transaction.
+releasing it lets the next leader take them all into one transaction.
 """
 
 from __future__ import annotations
