@@ -179,6 +179,16 @@ class CertificateAuthority:
                 certificate.public_key()  # type: ignore[arg-type]
             )
         self._authority_key_identifier = aki
+        # What every device certificate shares, built once.
+        self._profile = (
+            x509.CertificateBuilder()
+            .issuer_name(certificate.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+            .add_extension(DEVICE_KEY_USAGE, critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
+        )
 
     @property
     def not_valid_after(self) -> datetime.datetime:
@@ -204,18 +214,11 @@ class CertificateAuthority:
         subject_key = public_key if public_key is not None else csr.public_key()
         not_after = min(now + duration, self.not_valid_after)
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(csr.subject)
-            .issuer_name(self.certificate.subject)
+            self._profile.subject_name(csr.subject)
             .public_key(subject_key)  # type: ignore[arg-type]
             .serial_number(serial if serial is not None else random_serial())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .add_extension(DEVICE_KEY_USAGE, critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-            )
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(subject_key),  # type: ignore[arg-type]
                 critical=False,
