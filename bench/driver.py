@@ -795,12 +795,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--matrix",
         action="store_true",
         help="make bench: every case at 8/64/256, single process and "
-        "--workers 2 (if the server accepts it), a burst of 1,000 devices",
+        "--workers 2 (if the server accepts it), a burst of 1,000 devices, "
+        "and the handshake cases on bench/refserver.py (--reference)",
     )
     preset.add_argument(
         "--smoke",
         action="store_true",
-        help="make bench-smoke: a few seconds, fails on any error",
+        help="make bench-smoke: a few seconds, fails on any error (the "
+        "reference server included)",
     )
     parser.add_argument(
         "--case",
@@ -897,6 +899,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "devices": 50,
             "warmup": 0.0,
             "clients": 2,
+            "reference": True,
         }
     else:
         base = {}
@@ -932,7 +935,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retry_cap=args.retry_cap,
         fail_on_errors=args.fail_on_errors or args.smoke,
         optional_workers=args.matrix,
-        reference=args.reference or args.matrix,
+        reference=args.reference or bool(base.get("reference", args.matrix)),
     )
 
 

@@ -292,7 +292,13 @@ class Connection:
         except ssl.SSLWantWriteError:
             self.wanted = _WRITE
             return None
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        except ssl.SSLZeroReturnError:
+            return self._at_eof()
+        except ssl.SSLEOFError:
+            if self.state == _CLOSING:
+                # No close_notify back: the server may have refused our
+                # certificate after the handshake (TLS 1.3) and hung up.
+                return "reset:closed without close_notify"
             return self._at_eof()
         except ssl.SSLError as exc:
             if self.state in (_HANDSHAKE, _CLOSING) or "ALERT" in str(exc.reason):

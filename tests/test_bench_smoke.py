@@ -109,6 +109,10 @@ def test_smoke_covers_enrollment_cacerts_handshake_and_burst(smoke: SmokeRun) ->
         ("handshake", "closed"),
         ("simplereenroll", "burst"),
     }
+    # The minimal pyOpenSSL server, measured beside estd for calibration.
+    reference = [c for c in smoke.cases if c.get("server") == "reference"]
+    assert [c["case"] for c in reference] == ["handshake"]
+    assert reference[0]["requests"] == 20
     renewals = next(c for c in smoke.cases if c["case"] == "simplereenroll")
     assert renewals["requests"] == 50
     assert renewals["concurrency"] == 4
