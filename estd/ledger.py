@@ -780,6 +780,12 @@ class Ledger:
                     continue
                 raise LedgerUnavailable(f"the ledger is unavailable: {exc}") from exc
 
+    def write_statistics(self) -> tuple[int, int] | None:
+        """(commits, writes) so far with group commit (SQLite), else None."""
+        if self._writer is None:
+            return None
+        return self._writer.batches, self._writer.pieces
+
     def _write(self, work: Callable[[_Session], T]) -> T:
         """Run ``work`` in the group committer's next transaction."""
         assert self._writer is not None

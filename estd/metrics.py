@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
 from estd.config import OPERATION_NAMES, Config
@@ -144,6 +144,7 @@ class Metrics:
         clock: Callable[[], float],
         threadpool: object | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        ledger: object | None = None,
     ) -> None:
         self._config_source = config_source
         self._timer = timer
@@ -210,6 +211,7 @@ class Metrics:
         )
         self.registry.register(ThreadPoolCollector(threadpool))
         self.registry.register(ExpiryCollector(config_source, clock))
+        self.registry.register(LedgerWritesCollector(ledger))
         self._answered: dict[tuple[bytes, int], Any] = {}
         """(URI, status) -> its child of ``requests``, for the current labels."""
         self._answered_labels: object = None
@@ -307,6 +309,43 @@ def thread_pool_statistics(threadpool: object) -> tuple[int, int] | None:
     if working is not None and queue is not None:
         return int(queue.qsize()), len(working)
     return None
+
+
+class LedgerWritesCollector:
+    """``estd_ledger_commits_total`` and ``estd_ledger_writes_total``.
+
+    A SQLite ledger commits concurrent writes together (group commit);
+    writes / commits is the average batch.  Other ledgers report nothing.
+    """
+
+    def __init__(self, ledger: object | None) -> None:
+        self._ledger = ledger
+
+    def describe(self) -> list[Metric]:
+        """The metric names, so the registry can refuse duplicates."""
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        """The ledger's commits and writes so far."""
+        statistics = getattr(self._ledger, "write_statistics", None)
+        yield from self._families(statistics() if callable(statistics) else None)
+
+    @staticmethod
+    def _families(counts: tuple[int, int] | None) -> Iterator[Metric]:
+        commits = CounterMetricFamily(
+            "estd_ledger_commits",
+            "Write transactions the SQLite ledger committed (or failed).",
+        )
+        writes = CounterMetricFamily(
+            "estd_ledger_writes",
+            "Writes (issuances, revocations, approvals...) in those "
+            "transactions: several share one commit under load.",
+        )
+        if counts is not None:
+            commits.add_metric([], counts[0])
+            writes.add_metric([], counts[1])
+        yield commits
+        yield writes
 
 
 class ThreadPoolCollector:

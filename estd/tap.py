@@ -406,7 +406,7 @@ def build_service(
     holder = ConfigHolder(config)
     threadpool = SigningThreadPool(config.threads)
     shutdown = Shutdown()
-    metrics = Metrics(holder, reactor.seconds, threadpool)
+    metrics = Metrics(holder, reactor.seconds, threadpool, ledger=ledger)
     site = build_site(holder, reactor, threadpool, ledger=ledger, metrics=metrics)
     factory = ConnectionLimitedTLSFactory(
         ServerTLS(holder),

@@ -64,6 +64,7 @@ from tests.e2e_support import (
 )
 from tests.pki import NOW, demo_config, demo_pki
 from tests.test_labels_web import b64, labelled_config, serverkeygen_config
+from tests.test_ledger import record
 from tests.test_service import _options, _Reactor
 from tests.test_tls import (
     CLIENT_ADDRESS,
@@ -189,6 +190,23 @@ class RequestCounterCacheTests(SynchronousTestCase):
                 request_labels("other", "", 404): 1,
             },
         )
+
+
+def test_ledger_commits_and_writes(tmp_path: Path) -> None:
+    """A SQLite ledger reports its group commits; no ledger reports none."""
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        config = demo_config()
+        metrics = Metrics(lambda: config, lambda: 0.0, ledger=ledger)
+        ledger.record_issuance(record(1))
+        ledger.record_issuance(record(2))
+        samples = scrape(metrics)
+        assert value(samples, "estd_ledger_commits_total") == 2
+        assert value(samples, "estd_ledger_writes_total") == 2
+    finally:
+        ledger.close()
+    bare = scrape(Metrics(lambda: config, lambda: 0.0))
+    assert named(bare, "estd_ledger_commits_total") == {}
 
 
 class HandshakeCategoryTests(SynchronousTestCase):
