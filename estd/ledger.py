@@ -765,11 +765,11 @@ class Ledger:
                 began = True
                 return self._complete(session, work)
             except Exception as exc:
-                problem = self._backend.problem(exc)
-                if problem is None:
+                error = self._ledger_error(exc)
+                if error is None:
                     raise
-                if problem == "conflict":
-                    raise _Conflict(str(exc)) from exc
+                if isinstance(error, _Conflict):
+                    raise error from exc
                 lost = session.lost
                 self._drop(session)
                 # A connection that sat idle while the server restarted fails
@@ -778,7 +778,16 @@ class Ledger:
                 if reused and lost and not retried and not (write and began):
                     retried = True
                     continue
-                raise LedgerUnavailable(f"the ledger is unavailable: {exc}") from exc
+                raise error from exc
+
+    def _ledger_error(self, exc: Exception) -> LedgerError | None:
+        """What a driver exception means for callers (None: a bug, re-raise)."""
+        problem = self._backend.problem(exc)
+        if problem is None:
+            return None
+        if problem == "conflict":
+            return _Conflict(str(exc))
+        return LedgerUnavailable(f"the ledger is unavailable: {exc}")
 
     def write_statistics(self) -> tuple[int, int] | None:
         """(commits, writes) so far with group commit (SQLite), else None."""
@@ -796,12 +805,10 @@ class Ledger:
         except Closed:
             raise LedgerError("the ledger is closed") from None
         except Exception as exc:
-            problem = self._backend.problem(exc)
-            if problem is None:
+            error = self._ledger_error(exc)
+            if error is None:
                 raise
-            if problem == "conflict":
-                raise _Conflict(str(exc)) from exc
-            raise LedgerUnavailable(f"the ledger is unavailable: {exc}") from exc
+            raise error from exc
 
     def _migrate(self, session: _Session) -> None:
         with self._backend.migration_lock(session):
