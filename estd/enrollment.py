@@ -12,7 +12,7 @@ import datetime
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from estd.ca import CAPrivateKey, IssuedCertificate
 from estd.config import LabelConfig
@@ -40,6 +40,7 @@ from estd.ledger import (
     LimitReached,
     PendingRow,
     SerialTaken,
+    fingerprint_hex,
 )
 from estd.policy import Operation, authorize, check_csr
 from estd.serverkeygen import generate_key, multipart_response
@@ -256,7 +257,7 @@ def _check_not_revoked(ledger: Ledger, client: ClientIdentity) -> None:
         return
     # Serials are unique per issuer only: the ledger's row must be this
     # very certificate, issued by the CA that verified it.
-    issuer = client.chain[1].fingerprint(hashes.SHA256()).hex()
+    issuer = fingerprint_hex(client.chain[1])
     if row.issuer == issuer:
         raise Forbidden(
             f"the client certificate was revoked on {row.revoked_at:%Y-%m-%d}"

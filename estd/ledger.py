@@ -798,8 +798,6 @@ class Ledger:
     def _write(self, work: Callable[[_Session], T]) -> T:
         """Run ``work`` in the group committer's next transaction."""
         assert self._writer is not None
-        if self._closed:
-            raise LedgerError("the ledger is closed")
         try:
             return self._writer.run(work)
         except Closed:

@@ -133,8 +133,9 @@ class Metrics:
     ``config_source`` returns the current configuration snapshot (the
     labels and the certificates whose expiry is reported), ``clock`` the
     current time in POSIX seconds (``reactor.seconds``), ``threadpool`` is
-    the signing pool whose queue is reported (anything without Twisted's
-    ``ThreadPool`` internals reports nothing).  ``timer`` measures issuance
+    the signing pool whose queue is reported (a pool without
+    ``statistics()`` reports nothing), ``ledger`` the ledger whose group
+    commits are reported.  ``timer`` measures issuance
     durations inside the signing threads.
     """
 
@@ -289,26 +290,14 @@ class Metrics:
 def thread_pool_statistics(threadpool: object) -> tuple[int, int] | None:
     """(queued work items, busy threads) of a thread pool, or None.
 
-    estd's :class:`~estd.pool.SigningThreadPool` says so itself.
-    Twisted keeps these in the pool's ``Team`` (``_team.statistics()``,
-    stable since Twisted 15.5); the ``working`` list and ``_queue.qsize()``
-    are the older spellings it still provides.  Anything else (a test's
-    synchronous pool) has no statistics.
+    estd's :class:`~estd.pool.SigningThreadPool` tells (``statistics()``);
+    anything else (a test's synchronous pool) has no statistics.
     """
-    own = getattr(threadpool, "statistics", None)
-    if callable(own):
-        queued, busy = own()
-        return int(queued), int(busy)
-    team = getattr(threadpool, "_team", None)
-    statistics = getattr(team, "statistics", None)
-    if callable(statistics):
-        stats = statistics()
-        return int(stats.backloggedWorkCount), int(stats.busyWorkerCount)
-    working = getattr(threadpool, "working", None)
-    queue = getattr(threadpool, "_queue", None)
-    if working is not None and queue is not None:
-        return int(queue.qsize()), len(working)
-    return None
+    statistics = getattr(threadpool, "statistics", None)
+    if not callable(statistics):
+        return None
+    queued, busy = statistics()
+    return int(queued), int(busy)
 
 
 class LedgerWritesCollector:

@@ -99,10 +99,6 @@ class SigningThreadPool:
         (in that thread), where ``result`` is a Failure when ``ok`` is False."""
         self._queue.put((onResult, func, args, kw))
 
-    def callInThread(self, func: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        """Run ``func(*args, **kw)`` in a thread; its result is dropped."""
-        self._queue.put((None, func, args, kw))
-
     def statistics(self) -> tuple[int, int]:
         """(calls waiting for a thread, threads running a call)."""
         return self._queue.qsize(), self._busy

@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
@@ -36,7 +37,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
 from estd.ca import CertificateAuthority
@@ -50,6 +50,7 @@ from estd.metrics import (
     handshake_failure_category,
     request_operation,
 )
+from estd.pool import SigningThreadPool
 from estd.reload import ConfigHolder
 from estd.site import EstSite
 from estd.tls import ServerTLS
@@ -596,24 +597,8 @@ class ExpiryGaugeTests(SynchronousTestCase):
         self.assertEqual(labels, {""})
 
 
-class _Statistics:
-    """What Twisted's ``Team.statistics()`` returns."""
-
-    idleWorkerCount = 1
-    busyWorkerCount = 3
-    backloggedWorkCount = 5
-
-
-class _BusyTeam:
-    """A ``Team`` stand-in reporting three busy threads and five queued items."""
-
-    def statistics(self) -> _Statistics:
-        """Fixed statistics."""
-        return _Statistics()
-
-
 class ThreadPoolGaugeTests(SynchronousTestCase):
-    """Queue depth and busy threads, read from Twisted's ThreadPool."""
+    """Queue depth and busy threads, read from the signing thread pool."""
 
     def gauges(self, pool: object) -> tuple[float | None, float | None]:
         """(queue depth, busy threads) as scraped."""
@@ -625,20 +610,32 @@ class ThreadPoolGaugeTests(SynchronousTestCase):
 
     def test_queued_work(self) -> None:
         """Work given to a pool that has no thread free is the queue depth."""
-        pool = ThreadPool(minthreads=0, maxthreads=2, name="estd-test")
-        self.addCleanup(pool.stop)
+        pool = SigningThreadPool(2, name="estd-test")
         for _ in range(3):
-            pool.callInThread(lambda: None)  # not started: it stays queued
+            # Not started: it stays queued.
+            pool.callInThreadWithCallback(None, lambda: None)
         self.assertEqual(self.gauges(pool), (3, 0))
 
     def test_busy_threads(self) -> None:
-        """Busy threads come from the pool's team statistics."""
-        pool = ThreadPool(minthreads=0, maxthreads=2, name="estd-test")
-        pool._team = _BusyTeam()  # type: ignore[assignment]
+        """Threads running a call are busy; the calls behind them are queued."""
+        pool = SigningThreadPool(3, name="estd-test")
+        started, release = threading.Semaphore(0), threading.Event()
+
+        def hold() -> None:
+            started.release()
+            release.wait(30)
+
+        for _ in range(8):
+            pool.callInThreadWithCallback(None, hold)
+        pool.start()
+        self.addCleanup(pool.stop)
+        self.addCleanup(release.set)
+        for _ in range(3):
+            self.assertTrue(started.acquire(timeout=30))
         self.assertEqual(self.gauges(pool), (5, 3))
 
     def test_pool_without_statistics(self) -> None:
-        """A pool without Twisted's statistics exposes no samples, and no error."""
+        """A pool without statistics exposes no samples, and no error."""
         self.assertEqual(self.gauges(SynchronousThreadPool()), (None, None))
 
 

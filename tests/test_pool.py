@@ -73,7 +73,7 @@ def test_statistics_count_waiting_and_busy_calls(pool: SigningThreadPool) -> Non
         assert release.wait(WAIT)
 
     for _ in range(5):
-        pool.callInThread(hold)
+        pool.callInThreadWithCallback(None, hold)
     assert started.acquire(timeout=WAIT)
     assert started.acquire(timeout=WAIT)
     assert pool.statistics() == (3, 2)
@@ -86,7 +86,7 @@ def test_statistics_count_waiting_and_busy_calls(pool: SigningThreadPool) -> Non
 def test_work_queued_before_start_runs_after(pool: SigningThreadPool) -> None:
     fresh = SigningThreadPool(1)
     ran = threading.Event()
-    fresh.callInThread(ran.set)
+    fresh.callInThreadWithCallback(None, ran.set)
     assert not ran.is_set()
     fresh.start()
     assert ran.wait(WAIT)
@@ -97,7 +97,7 @@ def test_stop_finishes_queued_work_then_joins() -> None:
     pool = SigningThreadPool(1, name="estd-stop-test")
     order: list[int] = []
     for number in range(3):
-        pool.callInThread(order.append, number)
+        pool.callInThreadWithCallback(None, order.append, number)
     pool.start()
     pool.stop()
     assert order == [0, 1, 2]
