@@ -49,6 +49,7 @@ import platform
 import resource
 import shutil
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ from typing import Any
 
 from bench.loadgen import CASES, ENROLL_CASES, HANDSHAKE_CASES, WorkerSpec, worker_main
 from bench.server import (
+    GO_LABEL,
     REPO_ROOT,
     MemorySampler,
     Server,
@@ -283,6 +285,10 @@ class Settings:
     """Matrix: a server that refuses --workers N is reported and skipped."""
     reference: bool = False
     """Also measure the handshake cases on bench/refserver.py: the floor."""
+    go_estserver: Path | None = None
+    """Also run every case on this foundriesio/estserver binary."""
+    rounds: int = 1
+    """Run the servers in turn this many times (interleaved rounds)."""
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:
@@ -327,6 +333,7 @@ class Runner:
                 tls=settings.tls,
                 timeout=settings.timeout,
                 retry_cap=settings.retry_cap,
+                expected_cacerts=server.cacerts_count,
             )
             for index in range(count)
         ]
@@ -656,11 +663,86 @@ def table(results: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> str:
         for row in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
-    lines += _tls_share(results)
+    medians = _medians(results)
+    lines += side_by_side(medians)
+    lines += _tls_share(
+        [{**r, "server_cpu_ms_per_request": r["median"]} for r in medians]
+    )
     for skip in skipped:
         lines.append(f"workers={skip['server_workers']}: skipped: {skip['error']}")
     lines.append(YARDSTICK)
     return "\n".join(lines)
+
+
+def _medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per server, closed-loop case and concurrency: server CPU ms per request
+    over the rounds (median, min, max and every round's figure)."""
+    groups: dict[tuple[str, str, int], list[float]] = {}
+    for r in results:
+        value = r["server_cpu_ms_per_request"]
+        if r["mode"] == "closed" and value is not None:
+            groups.setdefault((r["server"], r["case"], r["concurrency"]), []).append(
+                value
+            )
+    return [
+        {
+            "server": server,
+            "case": case,
+            "concurrency": concurrency,
+            "mode": "closed",
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "rounds": values,
+        }
+        for (server, case, concurrency), values in groups.items()
+    ]
+
+
+def side_by_side(medians: list[dict[str, Any]]) -> list[str]:
+    """Server CPU per request, server beside server: the comparison the
+    issue asks for.  Only when there is something to compare (the Go server,
+    or several rounds)."""
+    servers = list(dict.fromkeys(m["server"] for m in medians))
+    rounds = max((len(m["rounds"]) for m in medians), default=0)
+    if GO_LABEL not in servers and rounds < 2:
+        return []
+    cells = {(m["server"], m["case"], m["concurrency"]): m for m in medians}
+    rows = [("case", "conc", *servers)]
+    for case, concurrency in dict.fromkeys(
+        (m["case"], m["concurrency"]) for m in medians
+    ):
+        go = cells.get((GO_LABEL, case, concurrency))
+        row = [case, str(concurrency)]
+        for server in servers:
+            cell = cells.get((server, case, concurrency))
+            if cell is None:
+                row.append("-")
+                continue
+            text = f"{cell['median']:.3f}"
+            if len(cell["rounds"]) > 1:
+                text += f" ({cell['min']:.2f}-{cell['max']:.2f})"
+            if go is not None and server != GO_LABEL and go["median"]:
+                text += f" {cell['median'] / go['median']:.1f}x"
+            row.append(text)
+        rows.append(tuple(row))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    title = "server CPU ms per request"
+    if rounds > 1:
+        title += f", median of {rounds} interleaved rounds (min-max)"
+    if GO_LABEL in servers:
+        title += "; Nx = times the Go server's"
+    return [
+        title + ":",
+        *(
+            "  "
+            + "  ".join(
+                cell.ljust(w) if i < 2 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            for row in rows
+        ),
+    ]
 
 
 def _tls_share(results: list[dict[str, Any]]) -> list[str]:
@@ -670,9 +752,7 @@ def _tls_share(results: list[dict[str, Any]]) -> list[str]:
     handshake with a client certificate.
     """
     handshakes = {
-        (r["case"], r["server_workers"], r["concurrency"]): r[
-            "server_cpu_ms_per_request"
-        ]
+        (r["case"], r["server"], r["concurrency"]): r["server_cpu_ms_per_request"]
         for r in results
         if r["case"] in HANDSHAKE_CASES and r["mode"] == "closed"
     }
@@ -688,12 +768,12 @@ def _tls_share(results: list[dict[str, Any]]) -> list[str]:
         if r["case"] in HANDSHAKE_CASES or r["mode"] != "closed":
             continue
         kind = "handshake-anon" if r["case"] == "cacerts" else "handshake"
-        base = handshakes.get((kind, r["server_workers"], r["concurrency"]))
+        base = handshakes.get((kind, r["server"], r["concurrency"]))
         ours = r["server_cpu_ms_per_request"]
         if not base or not ours:
             continue
         lines.append(
-            f"  workers={r['server_workers']} {r['case']} @ {r['concurrency']}: "
+            f"  {r['server']} {r['case']} @ {r['concurrency']}: "
             f"{ours:.3f} ms = {base:.3f} {kind} + {ours - base:.3f} the rest "
             f"({base / ours * 100:.0f}% TLS)"
         )
@@ -706,7 +786,11 @@ def _tls_share(results: list[dict[str, Any]]) -> list[str]:
 
 
 def run(settings: Settings, pki: Path | None, workdir: Path) -> tuple[list, list]:
-    """Run every configured server and case; return (results, skipped servers)."""
+    """Run every configured server and case; return (results, skipped servers).
+
+    With several rounds the servers take turns, round after round, so that
+    the machine's drift touches each of them alike.
+    """
     needed = max([settings.devices, settings.burst or 0])
     if pki is None:
         pki = workdir / "pki"
@@ -723,49 +807,80 @@ def run(settings: Settings, pki: Path | None, workdir: Path) -> tuple[list, list
         )
         for workers in settings.workers
     ]
+    if settings.go_estserver is not None:
+        servers.insert(
+            0,
+            Server(
+                pki=pki,
+                workdir=workdir / "go-estserver",
+                workers=0,
+                go_binary=settings.go_estserver,
+            ),
+        )
     if settings.reference:
         servers.insert(
             0, Server(pki=pki, workdir=workdir / "reference", workers=0, reference=True)
         )
-    for server in servers:
-        workers = server.workers
-        try:
-            server.start()
-        except ServerFailed as exc:
-            if workers != 1 and settings.optional_workers:
-                _log(f"bench: the server refused --workers {workers}: {exc}")
-                skipped.append({"server_workers": workers, "error": str(exc)})
+    refused: set[str] = set()
+    for round_number in range(1, settings.rounds + 1):
+        for server in servers:
+            if server.label in refused:
                 continue
-            raise
-        _log(
-            f"bench: server {server.label} on 127.0.0.1:{server.port}, "
-            f"{len(server.pids())} process(es); log {server.log_path}"
-        )
-        runner = None
-        try:
-            runner = Runner(server, settings, devices)
-            cases = settings.cases
-            if server.reference:
-                cases = [case for case in cases if case in HANDSHAKE_CASES]
-            for case in cases:
-                for concurrency in settings.concurrency:
-                    _log(f"bench: {server.label} {case} @ {concurrency} ...")
-                    result = runner.closed_loop(case, concurrency)
-                    _emit(result)
-                    results.append(result)
-            if settings.burst and not server.reference:
-                _log(
-                    f"bench: workers={workers} burst of {settings.burst} devices "
-                    f"@ {settings.burst_concurrency} ..."
-                )
-                result = runner.burst(settings.burst, settings.burst_concurrency)
+            try:
+                server.start()
+            except ServerFailed as exc:
+                if server.estd and server.workers != 1 and settings.optional_workers:
+                    _log(f"bench: the server refused --workers {server.workers}: {exc}")
+                    skipped.append(
+                        {"server_workers": server.workers, "error": str(exc)}
+                    )
+                    refused.add(server.label)
+                    continue
+                raise
+            try:
+                results += _run_server(settings, server, devices, round_number)
+            finally:
+                server.stop()
+    return results, skipped
+
+
+def _run_server(
+    settings: Settings,
+    server: Server,
+    devices: list[tuple[str, str]],
+    round_number: int,
+) -> list[dict[str, Any]]:
+    """Every case (and the burst) against one started server."""
+    results = []
+    prefix = f"round {round_number}: " if settings.rounds > 1 else ""
+    _log(
+        f"bench: {prefix}server {server.label} on 127.0.0.1:{server.port}, "
+        f"{len(server.pids())} process(es); log {server.log_path}"
+    )
+    runner = Runner(server, settings, devices)
+    try:
+        cases = settings.cases
+        if server.reference:
+            cases = [case for case in cases if case in HANDSHAKE_CASES]
+        for case in cases:
+            for concurrency in settings.concurrency:
+                _log(f"bench: {prefix}{server.label} {case} @ {concurrency} ...")
+                result = runner.closed_loop(case, concurrency)
+                result["round"] = round_number
                 _emit(result)
                 results.append(result)
-        finally:
-            if runner is not None:
-                runner.close()
-            server.stop()
-    return results, skipped
+        if settings.burst and not server.reference:
+            _log(
+                f"bench: {prefix}{server.label} burst of {settings.burst} devices "
+                f"@ {settings.burst_concurrency} ..."
+            )
+            result = runner.burst(settings.burst, settings.burst_concurrency)
+            result["round"] = round_number
+            _emit(result)
+            results.append(result)
+    finally:
+        runner.close()
+    return results
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -859,6 +974,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run the handshake cases against bench/refserver.py, a "
         "minimal pyOpenSSL server: this machine's TLS floor (on with --matrix)",
     )
+    parser.add_argument(
+        "--go-estserver",
+        type=Path,
+        metavar="BINARY",
+        help="also run every case on this foundriesio/estserver binary (the Go "
+        "server estd replaces, built elsewhere) on the same PKI, and print the "
+        "servers side by side",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the servers in turn this many times and report medians [1]",
+    )
     parser.add_argument("--pki", type=Path, help="reuse an `estctl demo` directory")
     parser.add_argument("--workdir", type=Path, help="keep PKI, logs, ledgers here")
     parser.add_argument(
@@ -936,7 +1065,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
         fail_on_errors=args.fail_on_errors or args.smoke,
         optional_workers=args.matrix,
         reference=args.reference or bool(base.get("reference", args.matrix)),
+        go_estserver=_go_binary(args.go_estserver),
+        rounds=max(1, args.rounds),
     )
+
+
+def _go_binary(path: Path | None) -> Path | None:
+    """The --go-estserver binary, checked before any PKI is made."""
+    if path is None:
+        return None
+    if not os.access(path, os.X_OK) or not path.is_file():
+        raise SystemExit(f"bench: --go-estserver {path}: not an executable file")
+    return path.resolve()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,6 +67,7 @@ HANDSHAKE_CASES = frozenset({"handshake", "handshake-anon"})
 CERT_CASES = frozenset({"simplereenroll", "simpleenroll", "handshake"})
 ENROLL_CASES = frozenset({"simplereenroll", "simpleenroll"})
 EST_PATH = "/.well-known/est"
+FIOCONFIG_AGENT = "fioconfig-client/2"
 MAX_ATTEMPTS = 100
 """A burst device that got 503 this many times counts as failed (``gave-up``)."""
 
@@ -386,9 +387,11 @@ class Worker:
                 "User-Agent: estd-bench\r\nAccept-Encoding: identity\r\n\r\n"
             ).encode()
         assert csr is not None
+        # The User-Agent of fioconfig releases before 2026: the Go server
+        # answers it (only it) with fioconfig's 201; estd ignores it.
         return (
             f"POST {EST_PATH}/{case} HTTP/1.1\r\nHost: {host}\r\n"
-            "User-Agent: estd-bench\r\nContent-Type: application/pkcs10\r\n"
+            f"User-Agent: {FIOCONFIG_AGENT}\r\nContent-Type: application/pkcs10\r\n"
             f"Content-Length: {len(csr.body)}\r\nAccept-Encoding: identity\r\n\r\n"
         ).encode() + csr.body
 

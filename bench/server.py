@@ -31,6 +31,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 30.0
 
 
+GO_LABEL = "go-estserver"
+GO_CA_KEY = "est-ca.sec1.key"
+"""The Go server reads only SEC1 ("EC PRIVATE KEY") CA keys; estd demo writes PKCS#8."""
+
+
 class ServerFailed(RuntimeError):
     """The server did not start (it exited, or never answered)."""
 
@@ -62,6 +67,21 @@ def server_env() -> dict[str, str]:
     parts = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(parts)
     return env
+
+
+def write_sec1_key(source: Path, target: Path) -> None:
+    """Copy an EC private key from PKCS#8 PEM to SEC1 PEM (mode 0600)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(source.read_bytes(), password=None)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
 
 
 # --- /proc ------------------------------------------------------------------------
@@ -176,13 +196,19 @@ class MemorySampler:
 
 @dataclass
 class Server:
-    """One ``twistd -n est`` on a free loopback port (or, with ``reference``,
-    :mod:`bench.refserver`: the minimal pyOpenSSL server, workers 0)."""
+    """One ``twistd -n est`` on a free loopback port.
+
+    With ``reference``, :mod:`bench.refserver` instead: the minimal pyOpenSSL
+    server.  With ``go_binary``, a foundriesio/estserver binary built
+    elsewhere, the server estd replaces, on the same demo PKI.  Both count
+    as workers 0.
+    """
 
     pki: Path
     workdir: Path
     workers: int = 1
     reference: bool = False
+    go_binary: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
@@ -190,7 +216,19 @@ class Server:
     @property
     def label(self) -> str:
         """How reports name this server."""
+        if self.go_binary is not None:
+            return GO_LABEL
         return "reference" if self.reference else f"workers={self.workers}"
+
+    @property
+    def estd(self) -> bool:
+        """True for estd itself (not a reference or comparison server)."""
+        return not self.reference and self.go_binary is None
+
+    @property
+    def cacerts_count(self) -> int:
+        """Certificates ``cacerts`` holds: the Go server sends only the root."""
+        return 1 if self.go_binary is not None else 2
 
     @property
     def log_path(self) -> Path:
@@ -199,6 +237,25 @@ class Server:
 
     def argv(self) -> list[str]:
         """The command line that starts the server."""
+        if self.go_binary is not None:
+            pki = self.pki
+            return [
+                str(self.go_binary),
+                "--port",
+                str(self.port),
+                "--tls-cert",
+                str(pki / "local-tls.pem"),
+                "--tls-key",
+                str(pki / "local-tls.key"),
+                "--root-cert",
+                str(pki / "factory_ca.pem"),
+                "--ca-cert",
+                str(pki / "est-ca.pem"),
+                "--ca-key",
+                str(self.workdir / GO_CA_KEY),
+                "--client-cas",
+                str(pki / "client-cas.pem"),
+            ]
         if self.reference:
             return [
                 sys.executable,
@@ -229,6 +286,8 @@ class Server:
         """Start twistd and wait until it answers ``cacerts`` (and its workers run)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "state").mkdir(exist_ok=True)
+        if self.go_binary is not None:
+            write_sec1_key(self.pki / "est-ca.key", self.workdir / GO_CA_KEY)
         self.port = free_port()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -248,7 +307,7 @@ class Server:
         while True:
             if self.process.poll() is not None:
                 raise ServerFailed(
-                    f"twistd exited with status {self.process.returncode}: "
+                    f"{self.label} exited with status {self.process.returncode}: "
                     + self.log_tail()
                 )
             if _cacerts_ok(context, self.port):
