@@ -1079,6 +1079,11 @@ def _go_binary(path: Path | None) -> Path | None:
     return path.resolve()
 
 
+def write_results(path: Path, document: dict[str, Any]) -> None:
+    """Write a run's results as JSON (paths, such as --go-estserver, as text)."""
+    path.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit status 0, 1 (errors, when asked) or 2 (no server)."""
     args = parse_args(argv)
@@ -1116,7 +1121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "skipped": skipped,
             "table": summary,
         }
-        path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        write_results(path, document)
         _log(f"bench: results written to {path}")
     errors = sum(r["error_count"] for r in results)
     if settings.fail_on_errors and errors:

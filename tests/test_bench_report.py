@@ -8,6 +8,7 @@ reference server.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 import subprocess
@@ -15,11 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.der import PreparedCsr
-from bench.driver import _medians, side_by_side
+from bench.driver import (
+    _medians,
+    parse_args,
+    settings_from,
+    side_by_side,
+    write_results,
+)
 from bench.loadgen import FIOCONFIG_AGENT, Worker, WorkerSpec
 from bench.server import GO_CA_KEY, GO_LABEL, Server, write_sec1_key
 from tests.test_bench_smoke import REPO_ROOT, checkout_env
@@ -159,3 +167,24 @@ def test_rounds_interleave_the_servers(tmp_path: Path) -> None:
     ]
     assert all(c["error_count"] == 0 for c in cases)
     assert "median of 2 interleaved rounds" in completed.stderr  # the table
+
+
+def test_results_file_holds_the_go_server_path(tmp_path: Path) -> None:
+    """--go-estserver is a path in the settings; the results file writes it as text."""
+    binary = tmp_path / "estserver"
+    binary.write_bytes(b"#!/bin/sh\n")
+    binary.chmod(0o755)
+    settings = settings_from(parse_args(["--go-estserver", str(binary)]))
+    target = tmp_path / "results.json"
+    write_results(target, {"settings": dataclasses.asdict(settings)})
+    saved = json.loads(target.read_text())
+    assert saved["settings"]["go_estserver"] == str(binary)
+    assert saved["settings"]["rounds"] == 1
+
+
+def test_go_server_must_be_an_executable(tmp_path: Path) -> None:
+    """A --go-estserver that cannot run stops the bench before any PKI is made."""
+    text = tmp_path / "estserver"
+    text.write_bytes(b"not a program")
+    with pytest.raises(SystemExit, match="not an executable file"):
+        settings_from(parse_args(["--go-estserver", str(text)]))
