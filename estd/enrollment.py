@@ -19,6 +19,7 @@ from estd.config import LabelConfig
 from estd.csrattrs import missing_csrattrs
 from estd.errors import (
     BadRequest,
+    EstError,
     Forbidden,
     PendingApproval,
     ServiceUnavailable,
@@ -128,6 +129,22 @@ def _enroll(
         anchor_fingerprints=settings.anchor_fingerprints,
         channel_binding=request.channel_binding,
     )
+    try:
+        return _decide(settings, request, now, ledger, requester)
+    except EstError as error:
+        # Refused or pending after authentication: the log names the user.
+        error.user = requester.user
+        raise
+
+
+def _decide(
+    settings: LabelConfig,
+    request: EnrollmentRequest,
+    now: datetime.datetime,
+    ledger: Ledger | None,
+    requester: Requester,
+) -> Enrollment:
+    reenrolling = request.operation is Operation.SIMPLEREENROLL
     check_expiry_grace(requester, reenrolling, settings.reenroll_grace, now)
     if ledger is not None and requester.client is not None:
         _check_not_revoked(ledger, requester.client)

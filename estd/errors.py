@@ -17,6 +17,8 @@ class EstError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.headers: dict[str, str] = dict(headers or {})
+        self.user: str | None = None
+        """The HTTP Basic user who was authenticated before this, for the log."""
 
 
 class BadRequest(EstError):

@@ -50,6 +50,8 @@ class EstRequest(server.Request):
 
     est_client: ClientIdentity | None = None
     est_issued: Enrollment | None = None
+    est_user: str | None = None
+    """The authenticated Basic user of a request answered with an error."""
     est_client_gone = False
     _body_refused = False
     _body_seen = 0
@@ -405,11 +407,14 @@ class EstSite(server.Site):
             subject = fields["client_subject"] = client.subject_text
             serial = fields["client_serial"] = client.serial_hex
             parts.append(f' client="{subject}" client_serial={serial}')
+        user = request.est_user
+        if request.est_issued is not None:
+            user = request.est_issued.requester.user
+        if user is not None:
+            fields["user"] = user
+            parts.append(f" user={user}")
         if request.est_issued is not None:
             requester = request.est_issued.requester
-            if requester.user is not None:
-                fields["user"] = requester.user
-                parts.append(f" user={requester.user}")
             if requester.client is not None and requester.client.expired:
                 fields["client_expired"] = True
                 parts.append(

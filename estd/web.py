@@ -109,8 +109,10 @@ def respond(request: EstRequest, work: defer.Deferred[EstResponse]) -> int:
     # cannot be interrupted, and what it issued must still reach the log.
 
     def failed(reason: Failure) -> EstResponse:
-        if reason.check(EstError):
-            return error_response(reason.value)  # type: ignore[arg-type]
+        error = reason.value
+        if isinstance(error, EstError):
+            request.est_user = error.user
+            return error_response(error)
         log.failure("internal error serving {path}", reason, path=request.log_path)
         return EstResponse(
             500,

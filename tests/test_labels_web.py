@@ -823,6 +823,23 @@ class BasicAuthTests(BasicAuthTestCase):
             response, body, 403, "CSR common name does not match the user name"
         )
 
+    def test_refusal_after_authentication_names_the_user(self) -> None:
+        """A 403 to an authenticated user logs who it was; a 401 names nobody."""
+        self.config = self.auth_config("basic")
+        self.identity = None
+        with capturedLogs() as events:
+            refused, _ = self.enroll(
+                make_csr(cn_name("someone-else")), basic(USER, PASSWORD)
+            )
+            unknown, _ = self.enroll(make_csr(cn_name(USER)), basic("nobody", "x"))
+        self.assertEqual((refused.code, unknown.code), (403, 401))
+        forbidden, unauthorized = [e for e in estd_events(events) if "status" in e]
+        self.assertEqual((forbidden["status"], forbidden["user"]), (403, USER))
+        self.assertIn(f" user={USER}", formatEvent(forbidden))
+        self.assertEqual(unauthorized["status"], 401)
+        self.assertNotIn("user", unauthorized)
+        self.assertNotIn("user=", formatEvent(unauthorized))
+
     def test_basic_label_ignores_the_certificate_for_enroll(self) -> None:
         """Under auth = basic a client certificate alone does not enroll."""
         self.config = self.auth_config("basic")
