@@ -17,642 +17,66 @@ concurrent transactions together itself.
 Timestamps are stored as whole UTC epoch seconds; serial numbers as 40
 lower-case hex digits, which sort and compare like the 160-bit numbers they
 are (RFC 5280 §4.1.2.2 allows serials of up to 20 octets).
+
+The package's modules: :mod:`estd.ledger.errors` (the exceptions),
+:mod:`estd.ledger.records` (what is stored and returned),
+:mod:`estd.ledger.schema` (column conversions, statements, migrations),
+:mod:`estd.ledger.backends` (SQLite and PostgreSQL) and here the
+:class:`Ledger` itself, which also re-exports the public names.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import datetime
 import functools
 import hashlib
-import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
-
-import psycopg
-import psycopg.conninfo
-import psycopg.errors
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from estd.ca import serial_hex
 from estd.groupcommit import Closed, GroupCommitter
-from estd.wire import raw_subject_and_key_of_certificate
-
-REVOCATION_REASONS = frozenset(
-    {
-        "unspecified",
-        "keyCompromise",
-        "cACompromise",
-        "affiliationChanged",
-        "superseded",
-        "cessationOfOperation",
-        "certificateHold",
-        "removeFromCRL",
-        "privilegeWithdrawn",
-        "aACompromise",
-    }
+from estd.ledger.backends import Row, _Backend, _backend, _Session
+from estd.ledger.errors import (
+    LedgerError,
+    LedgerUnavailable,
+    LimitReached,
+    NotFound,
+    SerialTaken,
+    _Conflict,
 )
-"""RFC 5280 §5.3.1 CRLReason names (value 7 is unused there)."""
-
-PENDING_STATUSES = frozenset({"pending", "approved", "rejected", "issued", "expired"})
+from estd.ledger.records import (
+    PENDING_STATUSES,
+    REVOCATION_REASONS,
+    CertificateRow,
+    IssuanceRecord,
+    PendingRow,
+    fingerprint_hex,
+    san_text,
+)
+from estd.ledger.schema import (
+    _DECIDE_PENDING,
+    _INSERT_CERTIFICATE,
+    _INSERT_PENDING,
+    _REVOKE,
+    _SCHEMA_VERSION_TABLE,
+    _SELECT_CERTIFICATES,
+    _SELECT_PENDING,
+    MIGRATIONS,
+    _certificate_row,
+    _epoch,
+    _pending_row,
+    _serial_text,
+    _utc,
+)
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds to wait for a busy SQLite database or a PostgreSQL connection."""
 
-_SERIAL_LIMIT = 1 << 160
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-_SECOND = datetime.timedelta(seconds=1)
 _REVISION = "revocation_revision"
-# pg_advisory_lock key for migrations: the bytes "estdledg".
-_MIGRATION_LOCK = 0x65737464_6C656467
 
 T = TypeVar("T")
-Row = tuple[Any, ...]
-
-
-class LedgerError(Exception):
-    """The ledger refused or could not carry out an operation."""
-
-
-class LedgerUnavailable(LedgerError):
-    """The database is unreachable or failed to read or write (HTTP 503)."""
-
-
-class SerialTaken(LedgerError):
-    """A certificate with this serial is already on record; pick another."""
-
-
-class LimitReached(LedgerError):
-    """The subject already got its allowed number of certificates."""
-
-    def __init__(self, count: int) -> None:
-        super().__init__(f"{count} certificates in the window")
-        self.count = count
-
-
-class NotFound(LedgerError):
-    """No certificate or pending request matches."""
-
-
-class _Conflict(LedgerError):
-    """A UNIQUE constraint refused a row (turned into something specific)."""
-
-
-# --- Records -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IssuanceRecord:
-    """What the ledger keeps about one issued certificate."""
-
-    serial: int
-    label: str
-    operation: str
-    subject: str
-    """RFC 4514 text of the subject, for people."""
-    subject_der: bytes
-    """The subject Name exactly as encoded in the certificate, for matching."""
-    san: str | None
-    """The SubjectAltName as ``DNS:a, IP:1.2.3.4`` (openssl's spelling)."""
-    public_key_sha256: str
-    """Hex SHA-256 of the certificate's SubjectPublicKeyInfo DER."""
-    not_before: datetime.datetime
-    not_after: datetime.datetime
-    issuer: str
-    """Hex SHA-256 fingerprint of the issuing CA certificate."""
-    client_serial: str | None
-    """Serial (upper-case hex) of the client certificate that asked, if any."""
-    client_issuer: str | None
-    """RFC 4514 issuer of that client certificate."""
-    client_address: str | None
-    user: str | None
-    """The HTTP Basic user that asked, if any."""
-    issued_at: datetime.datetime
-    der: bytes
-
-    @classmethod
-    def from_certificate(
-        cls,
-        certificate: x509.Certificate,
-        *,
-        label: str,
-        operation: str,
-        issuer_certificate: x509.Certificate,
-        client_certificate: x509.Certificate | None = None,
-        client_address: str | None = None,
-        user: str | None = None,
-        issued_at: datetime.datetime,
-    ) -> IssuanceRecord:
-        """The record of ``certificate``, issued by ``issuer_certificate``."""
-        subject_der, spki = raw_subject_and_key_of_certificate(certificate)
-        return cls(
-            serial=certificate.serial_number,
-            label=label,
-            operation=operation,
-            subject=certificate.subject.rfc4514_string(),
-            subject_der=subject_der,
-            san=san_text(certificate),
-            public_key_sha256=hashlib.sha256(spki).hexdigest(),
-            not_before=certificate.not_valid_before_utc,
-            not_after=certificate.not_valid_after_utc,
-            issuer=fingerprint_hex(issuer_certificate),
-            client_serial=(
-                serial_hex(client_certificate.serial_number)
-                if client_certificate is not None
-                else None
-            ),
-            client_issuer=(
-                client_certificate.issuer.rfc4514_string()
-                if client_certificate is not None
-                else None
-            ),
-            client_address=client_address,
-            user=user,
-            issued_at=issued_at,
-            der=certificate.public_bytes(serialization.Encoding.DER),
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def fingerprint_hex(certificate: x509.Certificate) -> str:
-    """Hex SHA-256 fingerprint of a (CA) certificate, computed once per CA."""
-    return certificate.fingerprint(hashes.SHA256()).hex()
-
-
-@dataclass(frozen=True)
-class CertificateRow(IssuanceRecord):
-    """A certificate on record, with its revocation if it was revoked."""
-
-    revoked_at: datetime.datetime | None = None
-    revocation_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class PendingRow:
-    """An enrollment request waiting for (or past) an operator's decision.
-
-    RFC 7030 §4.2.3: the client repeats the same CSR until it is decided.
-    """
-
-    id: int
-    label: str
-    csr_sha256: str
-    subject: str
-    client_serial: str | None
-    client_address: str | None
-    user: str | None
-    created_at: datetime.datetime
-    expires_at: datetime.datetime
-    status: str
-    decided_at: datetime.datetime | None
-    decided_by: str | None
-    certificate_serial: int | None
-
-
-def san_text(certificate: x509.Certificate) -> str | None:
-    """The certificate's SubjectAltName as readable text, or None."""
-    try:
-        names = certificate.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value
-    except x509.ExtensionNotFound:
-        return None
-    return ", ".join(_general_name_text(name) for name in names)
-
-
-def _general_name_text(name: x509.GeneralName) -> str:
-    if isinstance(name, x509.DNSName):
-        return f"DNS:{name.value}"
-    if isinstance(name, x509.IPAddress):
-        return f"IP:{name.value}"
-    if isinstance(name, x509.UniformResourceIdentifier):
-        return f"URI:{name.value}"
-    if isinstance(name, x509.RFC822Name):
-        return f"email:{name.value}"
-    if isinstance(name, x509.DirectoryName):
-        return f"DirName:{name.value.rfc4514_string()}"
-    if isinstance(name, x509.RegisteredID):
-        return f"RID:{name.value.dotted_string}"
-    if isinstance(name, x509.OtherName):
-        return f"othername:{name.type_id.dotted_string}:{name.value.hex()}"
-    return repr(name)
-
-
-# --- Column values ---------------------------------------------------------------
-
-
-def _serial_text(serial: int) -> str:
-    if not 0 <= serial < _SERIAL_LIMIT:
-        raise ValueError(f"serial {serial} does not fit in 20 octets")
-    return format(serial, "040x")
-
-
-def _serial_value(text: str | None) -> int | None:
-    return None if text is None else int(text, 16)
-
-
-def _epoch(moment: datetime.datetime) -> int:
-    if moment.utcoffset() is None:
-        raise ValueError(f"{moment!r} has no time zone; the ledger needs UTC times")
-    return (moment - _EPOCH) // _SECOND
-
-
-def _moment(seconds: int | None) -> datetime.datetime | None:
-    return None if seconds is None else _EPOCH + seconds * _SECOND
-
-
-def _utc(seconds: int) -> datetime.datetime:
-    return _EPOCH + seconds * _SECOND
-
-
-_CERTIFICATE_COLUMNS = (
-    "serial, label, operation, subject, subject_der, san, public_key_sha256, "
-    "not_before, not_after, issuer, client_serial, client_issuer, client_address, "
-    "user_name, issued_at, der, revoked_at, revocation_reason"
-)
-
-
-# Statements assembled from the column lists above; values are always
-# parameters.
-_SELECT_CERTIFICATES = f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates"  # noqa: S608
-_INSERT_CERTIFICATE = (
-    f"INSERT INTO certificates ({_CERTIFICATE_COLUMNS}) VALUES "  # noqa: S608
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)"
-)
-
-
-def _certificate_row(row: Row) -> CertificateRow:
-    return CertificateRow(
-        serial=int(row[0], 16),
-        label=row[1],
-        operation=row[2],
-        subject=row[3],
-        subject_der=bytes(row[4]),
-        san=row[5],
-        public_key_sha256=row[6],
-        not_before=_utc(row[7]),
-        not_after=_utc(row[8]),
-        issuer=row[9],
-        client_serial=row[10],
-        client_issuer=row[11],
-        client_address=row[12],
-        user=row[13],
-        issued_at=_utc(row[14]),
-        der=bytes(row[15]),
-        revoked_at=_moment(row[16]),
-        revocation_reason=row[17],
-    )
-
-
-_PENDING_COLUMNS = (
-    "id, label, csr_sha256, subject, client_serial, client_address, user_name, "
-    "created_at, expires_at, status, decided_at, decided_by, certificate_serial"
-)
-
-
-_SELECT_PENDING = f"SELECT {_PENDING_COLUMNS} FROM pending"  # noqa: S608
-_INSERT_PENDING = (
-    "INSERT INTO pending (label, csr_sha256, subject, client_serial,"  # noqa: S608
-    " client_address, user_name, created_at, expires_at, status)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')"
-    f" RETURNING {_PENDING_COLUMNS}"
-)
-_DECIDE_PENDING = (
-    "UPDATE pending SET status = ?, decided_at = ?, decided_by = ?"  # noqa: S608
-    " WHERE id = ? AND status = 'pending' AND expires_at > ?"
-    f" RETURNING {_PENDING_COLUMNS}"
-)
-# Revoking by serial or by subject: (the update, whether any matches).
-_REVOKE = {
-    "serial": (
-        "UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
-        " WHERE serial = ? AND revoked_at IS NULL RETURNING serial",
-        "SELECT 1 FROM certificates WHERE serial = ?",
-    ),
-    "subject": (
-        "UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
-        " WHERE subject = ? AND revoked_at IS NULL RETURNING serial",
-        "SELECT 1 FROM certificates WHERE subject = ? LIMIT 1",
-    ),
-}
-
-
-def _pending_row(row: Row) -> PendingRow:
-    return PendingRow(
-        id=row[0],
-        label=row[1],
-        csr_sha256=row[2],
-        subject=row[3],
-        client_serial=row[4],
-        client_address=row[5],
-        user=row[6],
-        created_at=_utc(row[7]),
-        expires_at=_utc(row[8]),
-        status=row[9],
-        decided_at=_moment(row[10]),
-        decided_by=row[11],
-        certificate_serial=_serial_value(row[12]),
-    )
-
-
-# --- Schema --------------------------------------------------------------------
-
-# Each version is a list of statements applied in one transaction.  {blob}
-# and {id} are the two column types the backends spell differently.  Never
-# edit a released version; append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE certificates (
-            serial TEXT PRIMARY KEY,
-            label TEXT NOT NULL,
-            operation TEXT NOT NULL,
-            subject TEXT NOT NULL,
-            subject_der {blob} NOT NULL,
-            san TEXT,
-            public_key_sha256 TEXT NOT NULL,
-            not_before BIGINT NOT NULL,
-            not_after BIGINT NOT NULL,
-            issuer TEXT NOT NULL,
-            client_serial TEXT,
-            client_issuer TEXT,
-            client_address TEXT,
-            user_name TEXT,
-            issued_at BIGINT NOT NULL,
-            der {blob} NOT NULL,
-            revoked_at BIGINT,
-            revocation_reason TEXT,
-            CHECK ((revoked_at IS NULL) = (revocation_reason IS NULL))
-        )""",
-        "CREATE INDEX certificates_by_subject_der"
-        " ON certificates (subject_der, issued_at)",
-        "CREATE INDEX certificates_by_subject ON certificates (subject)",
-        "CREATE INDEX certificates_by_issued_at ON certificates (issued_at)",
-        "CREATE INDEX certificates_revoked ON certificates (issuer, serial)"
-        " WHERE revoked_at IS NOT NULL",
-        """CREATE TABLE counters (
-            name TEXT PRIMARY KEY,
-            value BIGINT NOT NULL
-        )""",
-        "INSERT INTO counters (name, value) VALUES ('revocation_revision', 0)",
-        """CREATE TABLE pending (
-            id {id},
-            label TEXT NOT NULL,
-            csr_sha256 TEXT NOT NULL,
-            subject TEXT NOT NULL,
-            client_serial TEXT,
-            client_address TEXT,
-            user_name TEXT,
-            created_at BIGINT NOT NULL,
-            expires_at BIGINT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN
-                ('pending', 'approved', 'rejected', 'issued', 'expired')),
-            decided_at BIGINT,
-            decided_by TEXT,
-            certificate_serial TEXT,
-            issued_at BIGINT
-        )""",
-        # One live request per label and CSR; expired ones stay as history.
-        "CREATE UNIQUE INDEX pending_live ON pending (label, csr_sha256)"
-        " WHERE status <> 'expired'",
-        "CREATE INDEX pending_by_status ON pending (status, expires_at)",
-    ),
-)
-
-_SCHEMA_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER PRIMARY KEY,
-    applied_at BIGINT NOT NULL
-)"""
-
-
-# --- Backends --------------------------------------------------------------------
-
-
-class _Session(abc.ABC):
-    """One thread's connection, in autocommit mode: transactions are explicit."""
-
-    @abc.abstractmethod
-    def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
-        """Run one statement with ``?`` placeholders; its rows, if any."""
-
-    @property
-    @abc.abstractmethod
-    def lost(self) -> bool:
-        """True once the connection to the server is known to be broken."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Close the connection, ignoring errors."""
-
-
-class _Backend(abc.ABC):
-    """What differs between SQLite and PostgreSQL."""
-
-    begin_write: ClassVar[str]
-    group_commit: ClassVar[bool] = False
-    """Writes share one connection, batched (see :mod:`estd.groupcommit`)."""
-    column_types: ClassVar[dict[str, str]]
-    contains: ClassVar[str]
-    """SQL testing that column {column} contains the text parameter."""
-
-    @abc.abstractmethod
-    def connect(self) -> _Session:
-        """A new, ready session."""
-
-    @abc.abstractmethod
-    def problem(self, exc: Exception) -> Literal["unavailable", "conflict"] | None:
-        """How an exception from the driver is reported (None: a bug, re-raise)."""
-
-    def migration_lock(
-        self, session: _Session
-    ) -> contextlib.AbstractContextManager[None]:
-        """Held while migrating, so that two instances starting together don't race."""
-        return contextlib.nullcontext()
-
-    def lock_subject(self, session: _Session, subject_der: bytes) -> None:
-        """Serialise, until commit, write transactions about one subject.
-
-        SQLite's BEGIN IMMEDIATE already serialises every writer.
-        """
-        return None
-
-
-class _SQLiteSession(_Session):
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._connection = connection
-
-    def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
-        return self._connection.execute(sql, tuple(params)).fetchall()
-
-    @property
-    def lost(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._connection.close()
-
-
-class _SQLite(_Backend):
-    # IMMEDIATE takes the write lock at BEGIN, so writers queue on the busy
-    # timeout instead of failing when a read transaction tries to upgrade.
-    begin_write = "BEGIN IMMEDIATE"
-    # One writer at a time, an fsync per commit: batch them.
-    group_commit = True
-    column_types: ClassVar[dict[str, str]] = {
-        "blob": "BLOB",
-        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-    }
-    contains = "instr({column}, ?) > 0"
-
-    def __init__(self, path: str, timeout: float) -> None:
-        self.path = path
-        self.timeout = timeout
-
-    def connect(self) -> _Session:
-        # check_same_thread=False only so that Ledger.close() may close every
-        # thread's connection; each connection is used by one thread.
-        connection = sqlite3.connect(
-            self.path,
-            timeout=self.timeout,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        try:
-            mode = self._wal_mode(connection)
-            if mode != "wal":
-                raise LedgerError(f"{self.path}: SQLite refused WAL mode ({mode})")
-            # Durable at COMMIT: the certificate is sent only after it.
-            connection.execute("PRAGMA synchronous=FULL")
-        except BaseException:
-            connection.close()
-            raise
-        return _SQLiteSession(connection)
-
-    def _wal_mode(self, connection: sqlite3.Connection) -> str:
-        """Switch a new database to WAL (a no-op after the first time)."""
-        # SQLite answers SQLITE_BUSY at once, without its busy handler, when
-        # two connections switch a new file to WAL together; wait here.
-        deadline = time.monotonic() + self.timeout
-        pause = 0.001
-        while True:
-            try:
-                (mode,) = connection.execute("PRAGMA journal_mode=WAL").fetchone()
-                return str(mode)
-            except sqlite3.OperationalError as exc:
-                busy = exc.sqlite_errorname.startswith("SQLITE_BUSY")
-                if not busy or time.monotonic() + pause > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
-
-    def problem(self, exc: Exception) -> Literal["unavailable", "conflict"] | None:
-        if isinstance(exc, sqlite3.IntegrityError):
-            unique = ("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE")
-            return "conflict" if exc.sqlite_errorname in unique else None
-        # Locked past the busy timeout, I/O errors, a full disk, a file that
-        # is not a database: the ledger cannot answer now.
-        if isinstance(exc, sqlite3.OperationalError | sqlite3.InternalError):
-            return "unavailable"
-        if type(exc) is sqlite3.DatabaseError:
-            return "unavailable"
-        return None
-
-
-class _PostgreSQLSession(_Session):
-    def __init__(self, connection: psycopg.Connection[Row]) -> None:
-        self._connection = connection
-
-    def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
-        cursor = self._connection.execute(_pyformat(sql), tuple(params) or None)
-        return cursor.fetchall() if cursor.description is not None else []
-
-    @property
-    def lost(self) -> bool:
-        return self._connection.broken or self._connection.closed
-
-    def close(self) -> None:
-        with contextlib.suppress(psycopg.Error):
-            self._connection.close()
-
-
-def _pyformat(sql: str) -> str:
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
-class _PostgreSQL(_Backend):
-    begin_write = "BEGIN"
-    column_types: ClassVar[dict[str, str]] = {
-        "blob": "BYTEA",
-        "id": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
-    }
-    contains = "strpos({column}, ?) > 0"
-
-    def __init__(self, url: str, timeout: float) -> None:
-        try:
-            self.params: dict[str, Any] = psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.ProgrammingError as exc:
-            # Not echoing the URL: it may hold a password.
-            raise ValueError(f"not a valid PostgreSQL URL: {exc}") from None
-        # Give up on a server that does not answer rather than hold a
-        # signing thread; the URL may set other values.
-        self.params.setdefault("connect_timeout", str(max(1, round(timeout))))
-        self.params.setdefault("tcp_user_timeout", str(round(timeout * 1000)))
-        self.params.setdefault("application_name", "estd")
-
-    def connect(self) -> _Session:
-        return _PostgreSQLSession(psycopg.connect(autocommit=True, **self.params))
-
-    def problem(self, exc: Exception) -> Literal["unavailable", "conflict"] | None:
-        if isinstance(exc, psycopg.errors.UniqueViolation):
-            return "conflict"
-        # Connection failures, a server shutting down, disk full, I/O errors.
-        if isinstance(exc, psycopg.OperationalError):
-            return "unavailable"
-        return None
-
-    def lock_subject(self, session: _Session, subject_der: bytes) -> None:
-        # READ COMMITTED lets two transactions count the same rows; a
-        # transaction-scoped advisory lock per subject orders them.
-        key = int.from_bytes(
-            hashlib.sha256(subject_der).digest()[:8], "big", signed=True
-        )
-        session.execute("SELECT pg_advisory_xact_lock(?)", (key,))
-
-    @contextlib.contextmanager
-    def migration_lock(self, session: _Session) -> Iterator[None]:
-        session.execute("SELECT pg_advisory_lock(?)", (_MIGRATION_LOCK,))
-        try:
-            yield
-        finally:
-            if not session.lost:
-                session.execute("SELECT pg_advisory_unlock(?)", (_MIGRATION_LOCK,))
-
-
-def _backend(url: str, timeout: float) -> _Backend:
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        path = url
-    elif scheme in ("postgresql", "postgres"):
-        return _PostgreSQL(url, timeout)
-    elif scheme == "sqlite":
-        path = rest
-    else:
-        raise ValueError(
-            f"unknown ledger URL scheme {scheme!r}: use sqlite:///PATH, "
-            "a file path or postgresql://"
-        )
-    if not path or path == ":memory:" or path.startswith("file:"):
-        # Each thread has its own connection, so they need a shared file.
-        raise ValueError(f"{url!r}: the SQLite ledger needs a file path")
-    return _SQLite(path, timeout)
-
-
-# --- The ledger --------------------------------------------------------------------
 
 
 class Ledger:
@@ -1231,8 +655,10 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerUnavailable",
+    "LimitReached",
     "NotFound",
     "PendingRow",
     "SerialTaken",
+    "fingerprint_hex",
     "san_text",
 ]
