@@ -103,6 +103,12 @@ KEYS: tuple[Key, ...] = (
         "1",
     ),
     Key(
+        "cpu-affinity",
+        "none, or auto: pin each serving process to one CPU (worker N to the "
+        "Nth CPU the service may use; a single process to the first)",
+        "none",
+    ),
+    Key(
         "max-pending",
         "enrollments in flight before new ones get 503; default 8 per thread",
     ),
@@ -291,6 +297,8 @@ class Config:
     ledger_url: str = "sqlite:///estd.sqlite3"
     admin_listen: str = ""
     workers: int = 1
+    cpu_affinity: bool = False
+    """cpu-affinity = auto: each serving process runs on one CPU."""
     max_pending: int = 32
     max_connections: int = 1024
     handshake_timeout: float = 10.0
@@ -654,6 +662,7 @@ def load_config(
         ledger_url=ledger_url(settings, config_path),
         admin_listen=(settings.text("admin-listen") or "").strip(),
         workers=settings.parse("workers", _workers),
+        cpu_affinity=settings.parse("cpu-affinity", _cpu_affinity),
         max_pending=settings.parse(
             "max-pending",
             lambda t: 8 * threads if t is None else _integer(t, 1, 1_000_000),
@@ -820,6 +829,15 @@ def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return max(1, len(os.sched_getaffinity(0)))
     return _integer(text, 1, 256)
+
+
+def _cpu_affinity(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("none", "auto"):
+        raise ValueError(f"{text!r} is not none or auto")
+    if value == "auto" and not hasattr(os, "sched_setaffinity"):
+        raise ValueError("auto needs an OS that can pin processes to CPUs (Linux)")
+    return value == "auto"
 
 
 def _seconds(text: str) -> float:

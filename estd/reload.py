@@ -36,6 +36,7 @@ RESTART_ONLY = {
     "admin_listen": "admin-listen",
     "log_format": "log-format",
     "workers": "workers",
+    "cpu_affinity": "cpu-affinity",
     "max_connections": "max-connections",
 }
 """Settings a running server cannot change (attribute: est.ini key); a

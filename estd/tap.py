@@ -27,6 +27,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from estd import __version__
+from estd.affinity import allowed_cpus, cpu_for_worker, pin_process
 from estd.config import KEYS, Config, Key, load_config
 from estd.errors import ConfigError
 from estd.health import build_admin_site
@@ -63,6 +64,7 @@ class Options(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "est.ini to read settings from"],
         ["worker-fd", None, None, "(internal) serve the listening socket on this fd"],
+        ["worker-cpu", None, None, "(internal) the CPU this worker runs on"],
         *[[key.name, None, None, _help(key)] for key in KEYS],
     ]
 
@@ -253,6 +255,11 @@ def makeService(options: Options, reactor: Any = None) -> OrderedMultiService:
         ledger.close()
         top = build_supervisor(config, reactor, endpoint, options, load)
     else:
+        # Pinned before the signing threads exist: they inherit the CPU.
+        if options["worker-cpu"] is not None:
+            pin_process(int(options["worker-cpu"]))
+        elif worker_fd is None and config.cpu_affinity:
+            pin_process(allowed_cpus()[0])
         top = build_service(config, reactor, endpoint, ledger, load)
     if config.log_format == "json":
         top.json_logs = True
@@ -269,11 +276,17 @@ def build_supervisor(
     """``workers = N``: bind the port and run N worker processes on it."""
     holder = ConfigHolder(config)
     keys = [key.name for key in KEYS]
+    cpus = allowed_cpus() if config.cpu_affinity else []
+
+    def worker_options(number: int) -> list[str]:
+        cpu = cpu_for_worker(number, cpus) if cpus else None
+        return child_options(options, keys, config.admin_listen, number, cpu)
+
     workers = WorkersService(
         reactor,
         endpoint,
         config.workers,
-        lambda number: child_options(options, keys, config.admin_listen, number),
+        worker_options,
         config.shutdown_timeout.total_seconds(),
     )
     top = OrderedMultiService()

@@ -250,11 +250,16 @@ class WorkersService(service.Service):
 
 
 def child_options(
-    options: Any, keys: list[str], admin_listen: str, number: int
+    options: Any,
+    keys: list[str],
+    admin_listen: str,
+    number: int,
+    cpu: int | None = None,
 ) -> list[str]:
     """The est options worker ``number`` gets: the supervisor's, with the
-    config path made absolute, JSON logs to the supervisor, and the admin
-    listener (if any) on the admin port + ``number``."""
+    config path made absolute, JSON logs to the supervisor, the admin
+    listener (if any) on the admin port + ``number``, and the CPU it is
+    pinned to under cpu-affinity = auto."""
     argv: list[str] = []
     if options["config"]:
         argv.append(f"--config={os.path.abspath(options['config'])}")
@@ -268,6 +273,8 @@ def child_options(
         "--log-format=json",
         f"--admin-listen={worker_admin(admin_listen, number)}",
     ]
+    if cpu is not None:
+        argv.append(f"--worker-cpu={cpu}")
     return argv
 
 

@@ -481,6 +481,16 @@ def test_bad_threads(ini: Path, threads: str, problem: str) -> None:
     assert str(config_error(ini)) == f"{ini}: threads: {problem}"
 
 
+def test_cpu_affinity(ini: Path) -> None:
+    """cpu-affinity is off unless auto; anything else names the key and file."""
+    assert load(ini).cpu_affinity is False
+    edit_ini(ini, cpu_affinity="Auto")
+    assert load(ini).cpu_affinity is True
+    assert load(ini, cpu_affinity="none").cpu_affinity is False
+    edit_ini(ini, cpu_affinity="all")
+    assert str(config_error(ini)) == (f"{ini}: cpu-affinity: 'all' is not none or auto")
+
+
 # --- Encrypted CA keys -------------------------------------------------------
 
 

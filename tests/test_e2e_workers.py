@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from estd.affinity import allowed_cpus, cpu_for_worker
 from tests.e2e_support import (
     EstServer,
     free_port,
@@ -23,7 +24,7 @@ from tests.e2e_support import (
 ESTCTL = [sys.executable, "-m", "estd.estctl"]
 
 
-def _start(tmp_path: Path, workers: int = 2) -> EstServer:
+def _start(tmp_path: Path, workers: int = 2, *extra: str) -> EstServer:
     pki = tmp_path / "pki"
     subprocess.run(
         [*ESTCTL, "demo", str(pki)], check=True, capture_output=True, env=server_env()
@@ -39,17 +40,19 @@ def _start(tmp_path: Path, workers: int = 2) -> EstServer:
             f"tcp:{port}:interface=127.0.0.1",
             "--workers",
             str(workers),
+            *extra,
         ],
     )
     server.start()
     server.wait_until_listening()
-    poll(
-        lambda: (
-            len(set(re.findall(r"\[worker (\d+)\] EstSite", server.log_text())))
-            == workers
-        ),
-        "every worker to listen",
-    )
+    if workers > 1:
+        poll(
+            lambda: (
+                len(set(re.findall(r"\[worker (\d+)\] EstSite", server.log_text())))
+                == workers
+            ),
+            "every worker to listen",
+        )
     return server
 
 
@@ -157,3 +160,53 @@ def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
         for pid in pids:
             if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def thread_cpus(pid: int) -> set[tuple[int, ...]]:
+    """The distinct CPU sets of the threads of process ``pid``."""
+    return {
+        tuple(sorted(os.sched_getaffinity(int(task))))
+        for task in os.listdir(f"/proc/{pid}/task")
+    }
+
+
+def test_cpu_affinity_pins_each_worker_to_its_cpu(tmp_path: Path) -> None:
+    """cpu-affinity = auto: worker N and all its threads on the Nth CPU; the
+    supervisor stays free, and a replacement worker gets the CPU back."""
+    cpus = allowed_cpus()
+    expected = {(cpu_for_worker(n, cpus),) for n in (1, 2)}
+    server = _start(tmp_path, 2, "--cpu-affinity", "auto")
+    pids = worker_pids(server)
+    try:
+        assert server.process is not None
+        assert thread_cpus(server.process.pid) == {tuple(cpus)}
+        masks = [thread_cpus(pid) for pid in pids]
+        assert all(len(mask) == 1 for mask in masks)
+        assert set().union(*masks) == expected
+        assert "this process runs on CPU" in server.log_text()
+        killed = pids[0]
+        os.kill(killed, signal.SIGKILL)
+        poll(
+            lambda: len(worker_pids(server)) == 2 and killed not in worker_pids(server),
+            "a new worker",
+            timeout=20,
+        )
+        (new,) = set(worker_pids(server)) - set(pids)
+        poll(lambda: thread_cpus(new) == masks[0], "the new worker to be pinned")
+        assert cacerts(server) == 200
+    finally:
+        server.stop()
+        for pid in worker_pids(server) + pids:
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_cpu_affinity_pins_a_single_process_to_the_first_cpu(tmp_path: Path) -> None:
+    """With one process, cpu-affinity = auto keeps every thread on the first CPU."""
+    server = _start(tmp_path, 1, "--cpu-affinity", "auto")
+    try:
+        assert cacerts(server) == 200
+        assert server.process is not None
+        assert thread_cpus(server.process.pid) == {(allowed_cpus()[0],)}
+    finally:
+        server.stop()

@@ -1,0 +1,81 @@
+"""cpu-affinity = auto: which CPU a worker gets, and pinning a whole process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from estd.affinity import allowed_cpus, cpu_for_worker
+from tests.e2e_support import server_env
+
+
+def test_workers_take_the_allowed_cpus_in_turn() -> None:
+    """Worker N gets the Nth allowed CPU, wrapping when there are more workers."""
+    cpus = [2, 3, 6]
+    assert [cpu_for_worker(n, cpus) for n in range(1, 8)] == [2, 3, 6, 2, 3, 6, 2]
+
+
+def test_allowed_cpus_are_this_process_s() -> None:
+    """The CPUs come from the process's own affinity mask, in order."""
+    assert allowed_cpus() == sorted(os.sched_getaffinity(0))
+
+
+PIN_SCRIPT = """
+import json, os, sys, threading
+from estd.affinity import pin_process
+started = threading.Event()
+stop = threading.Event()
+def wait():
+    started.set()
+    stop.wait()
+before = threading.Thread(target=wait)
+before.start()
+started.wait()
+pinned = pin_process(int(sys.argv[1]))
+after = threading.Thread(target=stop.wait)
+after.start()
+masks = {task: sorted(os.sched_getaffinity(int(task)))
+         for task in os.listdir("/proc/self/task")}
+stop.set()
+before.join()
+after.join()
+print(json.dumps({"pinned": pinned, "masks": masks}))
+"""
+
+
+def test_pin_process_covers_every_thread_and_later_ones() -> None:
+    """A thread started before pinning and one started after both run on the CPU."""
+    cpu = allowed_cpus()[-1]
+    completed = subprocess.run(
+        [sys.executable, "-c", PIN_SCRIPT, str(cpu)],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    outcome = json.loads(completed.stdout)
+    assert outcome["pinned"] is True
+    assert len(outcome["masks"]) == 3  # main, the thread before, the thread after
+    assert all(mask == [cpu] for mask in outcome["masks"].values())
+
+
+def test_pin_process_refused_serves_unpinned() -> None:
+    """A CPU the kernel refuses gives a warning and False, not a crash."""
+    impossible = max(allowed_cpus()) + 4096
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys; from estd.affinity import pin_process;"
+            " print(pin_process(int(sys.argv[1])), sorted(os.sched_getaffinity(0)))",
+            str(impossible),
+        ],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert completed.stdout.split(" ", 1)[0] == "False"
+    assert completed.stdout.split(" ", 1)[1].strip() == str(allowed_cpus())
