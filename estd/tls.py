@@ -203,15 +203,19 @@ class EstTLSProtocol(BufferingTLSTransport):
     ``TLSMemoryBIOProtocol.makeConnection`` declares the wrapped transport's
     interfaces with one ``directlyProvides`` call per interface (each call
     replacing the last); on every new connection that was about a tenth of
-    the reactor's time under a fleet of renewals.  This declares them all in
-    one call and otherwise connects exactly as Twisted does.
+    the reactor's time under a fleet of renewals.  This declares them in
+    one call, with the very argument ``ProtocolWrapper.makeConnection``
+    declares them with again (the transport's own specification), so that
+    both find zope.interface's cached declaration that live connections
+    hold, instead of building one that nobody keeps; otherwise it connects
+    exactly as Twisted does.
     """
 
     def makeConnection(self, transport: ITransport) -> None:
         """Create the TLS connection, declare interfaces once, start the handshake."""
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
-        directlyProvides(self, *providedBy(transport))
+        directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         if self._connectWrapped:
