@@ -669,7 +669,8 @@ def table(results: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> str:
         [{**r, "server_cpu_ms_per_request": r["median"]} for r in medians]
     )
     for skip in skipped:
-        lines.append(f"workers={skip['server_workers']}: skipped: {skip['error']}")
+        name = skip.get("server", f"workers={skip['server_workers']}")
+        lines.append(f"{name}: skipped from round {skip['round']}: {skip['error']}")
     lines.append(YARDSTICK)
     return "\n".join(lines)
 
@@ -822,21 +823,36 @@ def run(settings: Settings, pki: Path | None, workdir: Path) -> tuple[list, list
             0, Server(pki=pki, workdir=workdir / "reference", workers=0, reference=True)
         )
     refused: set[str] = set()
+    workdirs = {server.label: server.workdir for server in servers}
     for round_number in range(1, settings.rounds + 1):
         for server in servers:
             if server.label in refused:
                 continue
+            if settings.rounds > 1:
+                # Its own log and ledger per round: no round inherits a
+                # bigger database than the others had.
+                server.workdir = workdirs[server.label] / f"round-{round_number}"
             try:
                 server.start()
             except ServerFailed as exc:
-                if server.estd and server.workers != 1 and settings.optional_workers:
-                    _log(f"bench: the server refused --workers {server.workers}: {exc}")
-                    skipped.append(
-                        {"server_workers": server.workers, "error": str(exc)}
-                    )
-                    refused.add(server.label)
-                    continue
-                raise
+                optional = (
+                    server.estd and server.workers != 1 and settings.optional_workers
+                )
+                if not optional and not results:
+                    raise
+                # Refused --workers N under --matrix, or a later failure:
+                # keep what was measured and go on without this server.
+                _log(f"bench: {server.label} did not start: {exc}")
+                skipped.append(
+                    {
+                        "server": server.label,
+                        "server_workers": server.workers,
+                        "round": round_number,
+                        "error": str(exc),
+                    }
+                )
+                refused.add(server.label)
+                continue
             try:
                 results += _run_server(settings, server, devices, round_number)
             finally:
@@ -892,6 +908,13 @@ def _emit(result: dict[str, Any]) -> None:
         f"ms/req, client {result['client_cpu_ms_per_request']} ms/req "
         f"({result['client_cpu_util'] * 100:.0f}% of its cores)"
     )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _list(kind: type, text: str) -> list[Any]:
@@ -984,7 +1007,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=_positive,
         default=1,
         help="run the servers in turn this many times and report medians [1]",
     )
@@ -1066,7 +1089,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         optional_workers=args.matrix,
         reference=args.reference or bool(base.get("reference", args.matrix)),
         go_estserver=_go_binary(args.go_estserver),
-        rounds=max(1, args.rounds),
+        rounds=args.rounds,
     )
 
 

@@ -33,16 +33,29 @@ def pin_process(cpu: int) -> bool:
     """Run every thread of this process, and those it starts later, on ``cpu``.
 
     Returns False (after a warning) if the kernel refuses, for instance when
-    the CPU was taken from this process's cpuset meanwhile: the process then
-    serves unpinned, which only costs CPU time.
+    the CPU was taken from this process's cpuset meanwhile: every thread
+    pinned so far gets its former CPUs back and the process serves unpinned,
+    which only costs CPU time.
     """
     try:
-        for task in os.listdir("/proc/self/task"):
+        tasks = [int(task) for task in os.listdir("/proc/self/task")]
+    except OSError:
+        tasks = [0]  # no /proc: this thread; threads started later inherit it
+    pinned: list[tuple[int, set[int]]] = []
+    try:
+        for task in tasks:
             try:
-                os.sched_setaffinity(int(task), {cpu})
+                former = os.sched_getaffinity(task)
+                os.sched_setaffinity(task, {cpu})
             except ProcessLookupError:
                 continue  # a thread that ended meanwhile
+            pinned.append((task, former))
     except OSError as exc:
+        for task, former in pinned:
+            try:
+                os.sched_setaffinity(task, former)
+            except OSError:  # gone, or refused: nothing better to do
+                pass
         log.warn(
             "cpu-affinity = auto: cannot pin this process to CPU {cpu} ({error}); "
             "serving unpinned",

@@ -99,7 +99,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "workers",
-        "processes serving the port: a number, or auto (one per core)",
+        "processes serving the port: a number, or auto (one per CPU it may use)",
         "1",
     ),
     Key(

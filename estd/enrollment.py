@@ -99,9 +99,13 @@ def enroll(
     try:
         return _enroll(settings, request, now, ledger)
     except LedgerUnavailable:
-        raise ServiceUnavailable(
-            "the issuance ledger is unavailable; retry later", LEDGER_RETRY_AFTER
-        ) from None
+        raise _ledger_unavailable() from None
+
+
+def _ledger_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "the issuance ledger is unavailable; retry later", LEDGER_RETRY_AFTER
+    )
 
 
 LEDGER_RETRY_AFTER = 30
@@ -129,12 +133,17 @@ def _enroll(
         anchor_fingerprints=settings.anchor_fingerprints,
         channel_binding=request.channel_binding,
     )
+    # Refused, pending or unanswerable after authentication: the log names
+    # the user.
     try:
         return _decide(settings, request, now, ledger, requester)
     except EstError as error:
-        # Refused or pending after authentication: the log names the user.
         error.user = requester.user
         raise
+    except LedgerUnavailable:
+        unavailable = _ledger_unavailable()
+        unavailable.user = requester.user
+        raise unavailable from None
 
 
 def _decide(

@@ -12,13 +12,13 @@ class EstError(Exception):
     """A request failed in a way the client should be told about."""
 
     status = 500
+    user: str | None = None
+    """The HTTP Basic user who was authenticated before this, for the log."""
 
     def __init__(self, reason: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.headers: dict[str, str] = dict(headers or {})
-        self.user: str | None = None
-        """The HTTP Basic user who was authenticated before this, for the log."""
 
 
 class BadRequest(EstError):

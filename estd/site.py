@@ -412,7 +412,9 @@ class EstSite(server.Site):
             user = request.est_issued.requester.user
         if user is not None:
             fields["user"] = user
-            parts.append(f" user={user}")
+            # A users file may hold names no terminal should print as they are.
+            shown = user if user.isprintable() and " " not in user else repr(user)
+            parts.append(f" user={shown}")
         if request.est_issued is not None:
             requester = request.est_issued.requester
             if requester.client is not None and requester.client.expired:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from estd.affinity import allowed_cpus, cpu_for_worker
+from estd.workers import child_options
 from tests.e2e_support import server_env
 
 
@@ -79,3 +80,55 @@ def test_pin_process_refused_serves_unpinned() -> None:
     )
     assert completed.stdout.split(" ", 1)[0] == "False"
     assert completed.stdout.split(" ", 1)[1].strip() == str(allowed_cpus())
+
+
+PARTIAL_SCRIPT = """
+import json, os, sys, threading
+from estd import affinity
+stop = threading.Event()
+helper = threading.Thread(target=stop.wait)
+helper.start()
+before = {task: sorted(os.sched_getaffinity(int(task)))
+          for task in os.listdir("/proc/self/task")}
+real = os.sched_setaffinity
+calls = []
+def refuse_second(task, cpus):
+    calls.append(task)
+    if len(calls) == 2:
+        raise OSError(22, "Invalid argument")
+    real(task, cpus)
+os.sched_setaffinity = refuse_second
+pinned = affinity.pin_process(int(sys.argv[1]))
+os.sched_setaffinity = real
+after = {task: sorted(os.sched_getaffinity(int(task)))
+         for task in os.listdir("/proc/self/task")}
+stop.set()
+helper.join()
+print(json.dumps({"pinned": pinned, "before": before, "after": after}))
+"""
+
+
+def test_a_refusal_part_way_puts_pinned_threads_back() -> None:
+    """If the kernel refuses the second thread, the first gets its CPUs back."""
+    cpu = allowed_cpus()[0]
+    completed = subprocess.run(
+        [sys.executable, "-c", PARTIAL_SCRIPT, str(cpu)],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    outcome = json.loads(completed.stdout)
+    assert outcome["pinned"] is False
+    assert outcome["after"] == outcome["before"]
+    assert len(outcome["before"]) == 2
+
+
+def test_each_worker_is_told_its_cpu() -> None:
+    """The supervisor passes the CPU to a worker only under cpu-affinity = auto."""
+    options = {"config": None, "threads": "2", "workers": "2"}
+    pinned = child_options(options, ["threads", "workers"], "", 2, cpu=3)
+    assert pinned[-1] == "--worker-cpu=3"
+    assert "--threads=2" in pinned
+    free = child_options(options, ["threads", "workers"], "", 2)
+    assert not any(option.startswith("--worker-cpu") for option in free)

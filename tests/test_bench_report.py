@@ -188,3 +188,9 @@ def test_go_server_must_be_an_executable(tmp_path: Path) -> None:
     text.write_bytes(b"not a program")
     with pytest.raises(SystemExit, match="not an executable file"):
         settings_from(parse_args(["--go-estserver", str(text)]))
+
+
+def test_rounds_must_be_positive() -> None:
+    """--rounds 0 is refused, not taken as one round."""
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])

@@ -19,8 +19,9 @@ from estd import auth
 from estd.config import LabelConfig
 from estd.demo import Pair, device_name, make_pair
 from estd.enrollment import Enrollment, EnrollmentRequest, enroll
-from estd.errors import BadRequest, Forbidden, Unauthorized
+from estd.errors import BadRequest, Forbidden, ServiceUnavailable, Unauthorized
 from estd.identity import BadCredentials, ClientIdentity, Requester
+from estd.ledger import LedgerUnavailable
 from estd.policy import Operation
 from estd.wire import decode_body, raw_subject_of_certificate, raw_subject_of_csr
 from tests.pki import NOW, demo_config, demo_pki, fioconfig_csr, one_line_base64
@@ -576,6 +577,40 @@ def test_basic_user_enrolls_without_certificate(users_file: str) -> None:
     assert result.issued.certificate.subject == user_name(USER)
     assert result.requester == Requester(client=None, user=USER)
     assert certificates_of(result) == [result.issued.certificate]
+
+
+class _AwayLedger:
+    """A ledger whose database is away: every write raises LedgerUnavailable."""
+
+    def certificate(self, serial: int) -> None:
+        return None
+
+    def record_issuance(self, *args: object, **kwargs: object) -> None:
+        raise LedgerUnavailable("database is away")
+
+
+def test_refusals_after_authentication_carry_the_user(users_file: str) -> None:
+    """403 and the ledger's 503 name the authenticated user; a 401 names nobody."""
+    label = basic_label(users_file)
+    other = EnrollmentRequest(
+        ENROLL, csr_body(user_name("someone-else")), credentials=(USER, PASSWORD)
+    )
+    with pytest.raises(Forbidden) as refused:
+        enroll(label, other, NOW)
+    assert refused.value.user == USER
+    own = EnrollmentRequest(
+        ENROLL, csr_body(user_name(USER)), credentials=(USER, PASSWORD)
+    )
+    with pytest.raises(ServiceUnavailable) as away:
+        enroll(label, own, NOW, _AwayLedger())  # type: ignore[arg-type]
+    assert (away.value.status, away.value.user) == (503, USER)
+    assert away.value.headers == {"Retry-After": "30"}
+    wrong = EnrollmentRequest(
+        ENROLL, csr_body(user_name(USER)), credentials=(USER, "x")
+    )
+    with pytest.raises(BadCredentials) as unknown:
+        enroll(label, wrong, NOW)
+    assert unknown.value.user is None
 
 
 def test_basic_wrong_password_is_401_before_parsing(users_file: str) -> None:

@@ -840,6 +840,26 @@ class BasicAuthTests(BasicAuthTestCase):
         self.assertNotIn("user", unauthorized)
         self.assertNotIn("user=", formatEvent(unauthorized))
 
+    def test_unprintable_user_name_is_escaped_in_the_log(self) -> None:
+        """A hand-edited users file's odd name is logged quoted, never raw."""
+        odd = "line\x1b[31m-1"
+        with open(self.users_file, encoding="utf-8") as handle:
+            text = handle.read()
+        with open(self.users_file, "w", encoding="utf-8") as handle:
+            handle.write(text.replace(f"{USER}:", f"{odd}:", 1))
+        self.config = self.auth_config("basic")
+        self.identity = None
+        with capturedLogs() as events:
+            response, _ = self.enroll(
+                make_csr(cn_name("someone-else")), basic(odd, PASSWORD)
+            )
+        self.assertEqual(response.code, 403)
+        (line,) = [event for event in estd_events(events) if "status" in event]
+        self.assertEqual(line["user"], odd)
+        text = formatEvent(line)
+        self.assertIn(f" user={odd!r}", text)
+        self.assertNotIn("\x1b", text)
+
     def test_basic_label_ignores_the_certificate_for_enroll(self) -> None:
         """Under auth = basic a client certificate alone does not enroll."""
         self.config = self.auth_config("basic")

@@ -281,6 +281,16 @@ def test_restart_only_changes_are_warned_about(setup: Setup) -> None:
     ]
 
 
+def test_cpu_affinity_change_needs_a_restart(setup: Setup) -> None:
+    """cpu-affinity is applied at start only; a reload that changes it says so."""
+    setup.edit("[est]\n", "[est]\ncpu-affinity = auto\n")
+    with capturedLogs() as events:
+        setup.reload()
+    assert messages(events, LogLevel.warn) == [
+        "reload: cpu-affinity changed; those take effect after a restart"
+    ]
+
+
 def test_reload_without_restart_only_changes_warns_nothing(setup: Setup) -> None:
     """Changing only reloadable settings gives no restart warning."""
     setup.edit("response-profile = fioconfig", "response-profile = rfc7030")
