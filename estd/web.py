@@ -58,6 +58,8 @@ class EstResponse:
     body: bytes
     base64: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    close: bool = False
+    """Close the connection after this response (``Connection: close``)."""
 
 
 def error_response(error: EstError) -> EstResponse:
@@ -97,6 +99,9 @@ def write_response(request: EstRequest, response: EstResponse) -> None:
         request.responseHeaders.setRawHeaders(b"Content-Transfer-Encoding", [b"base64"])
     for name, value in response.headers.items():
         request.responseHeaders.setRawHeaders(name.encode(), [value.encode()])
+    if response.close and request.channel is not None:
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        request.channel.persistent = False  # closed once the response is out
     if response.body:
         request.write(response.body)
     request.finish()
@@ -364,16 +369,24 @@ class EnrollResource(EstResource):
         )
 
     def _rendered(self, enrollment: Enrollment, request: EstRequest) -> EstResponse:
+        # A delivered certificate ends the client's business here: the
+        # connection is closed rather than left idle (fioconfig's Go client
+        # would keep it open, holding a max-connections slot, until it
+        # exits).  Refusals keep it open: a client answers a 401 challenge
+        # on the same connection, whose tls-unique its CSR may carry.
         request.est_issued = enrollment
         if enrollment.content_type is not None:
             # /serverkeygen: each part carries its own transfer encoding.
-            return EstResponse(200, enrollment.content_type, enrollment.body)
+            return EstResponse(
+                200, enrollment.content_type, enrollment.body, close=True
+            )
         profile = self._settings.response_profile
         return EstResponse(
             profile.enroll_status,
             profile.enroll_content_type,
             enrollment.body,
             base64=True,
+            close=True,
         )
 
 

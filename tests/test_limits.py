@@ -246,10 +246,13 @@ class MaxPendingTests(LimitsTestCase):
         self.assertEqual(self.site.enrollments.in_flight, 1)
         self.threadpool.run_all()
         self.assertEqual(self.site.enrollments.in_flight, 0)
-        channel.dataReceived(self.renewal())
+        # A delivered certificate closes its connection: the next comes anew.
+        again, again_transport = self.connect()
+        again.dataReceived(self.renewal())
         self.threadpool.run_all()
         self.assertEqual(
-            statuses(transport), [b"HTTP/1.1 201 Created", b"HTTP/1.1 201 Created"]
+            statuses(transport) + statuses(again_transport),
+            [b"HTTP/1.1 201 Created", b"HTTP/1.1 201 Created"],
         )
         self.assertEqual(self.site.enrollments.in_flight, 0)
 
@@ -397,7 +400,8 @@ class RequestTimeoutTests(LimitsTestCase):
         channel.dataReceived(request[split + 10 :])
         self.threadpool.run_all()
         self.assertEqual(statuses(transport), [b"HTTP/1.1 201 Created"])
-        self.assertFalse(transport.disconnecting)
+        # Closed because the certificate was delivered, not cut off.
+        self.assertEqual((transport.aborted, channel._timed_out), (False, False))
 
     def test_keep_alive_requests_not_cut(self) -> None:
         """Each request on a keep-alive connection gets its own header deadline."""
@@ -409,15 +413,15 @@ class RequestTimeoutTests(LimitsTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_pipelined_requests_not_cut(self) -> None:
-        """Two requests sent at once, the first slow to sign, are both answered."""
+        """Two requests sent at once, the second slow to sign, are both answered."""
         channel, transport = self.connect()
-        channel.dataReceived(self.renewal() + get(CACERTS))
+        channel.dataReceived(get(CACERTS) + self.renewal())
         self.clock.advance(30)
         self.threadpool.run_all()
         self.assertEqual(
-            statuses(transport), [b"HTTP/1.1 201 Created", b"HTTP/1.1 200 OK"]
+            statuses(transport), [b"HTTP/1.1 200 OK", b"HTTP/1.1 201 Created"]
         )
-        self.assertFalse(transport.disconnecting)
+        self.assertEqual((transport.aborted, channel._timed_out), (False, False))
 
     def test_slow_signing_is_not_a_slow_client(self) -> None:
         """No deadline runs while a complete request is being processed."""

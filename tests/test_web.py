@@ -841,14 +841,14 @@ class WireTests(SynchronousTestCase):
         """Each request logs one line: who asked, what, the outcome, what was issued."""
         _, body = self.csr_body()
         with capturedLogs() as events:
-            self.channel.dataReceived(self.post_head(b"%d" % len(body)) + body)
             self.channel.dataReceived(
                 b"GET " + CACERTS.encode() + b"?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
             )
-        lines = estd_events(events)
-        self.assertEqual(len(lines), 2)
+            self.channel.dataReceived(self.post_head(b"%d" % len(body)) + body)
+        cacerts_line, enroll_line = estd_events(events)
+        lines = [enroll_line, cacerts_line]
         _, payload = self.assert_single_write_response(
-            self.transport.writes[0], b"HTTP/1.1 201 Created"
+            self.transport.writes[1], b"HTTP/1.1 201 Created"
         )
         issued = pkcs7_certificates(payload)[0]
         subject = self.device.certificate.subject.rfc4514_string()
@@ -875,6 +875,23 @@ class WireTests(SynchronousTestCase):
             {"method": "GET", "path": CACERTS, "status": 200, "issued_serial": None},
         )
 
+    def test_delivered_certificate_closes_the_connection(self) -> None:
+        """A 201 says Connection: close and closes; a refusal leaves it open."""
+        _, body = self.csr_body()
+        bad = b"MIIB" + b"Q" * 200 + b"!"
+        self.channel.dataReceived(self.post_head(b"%d" % len(bad)) + bad)
+        refused, _ = self.assert_single_write_response(
+            self.transport.writes[0], b"HTTP/1.1 400 Bad Request"
+        )
+        self.assertNotIn(b"Connection", [name for name, _ in refused])
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.dataReceived(self.post_head(b"%d" % len(body)) + body)
+        delivered, _ = self.assert_single_write_response(
+            self.transport.writes[1], b"HTTP/1.1 201 Created"
+        )
+        self.assertIn((b"Connection", b"close"), delivered)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_anonymous_log_line(self) -> None:
         """A request without a client certificate logs client_subject as None."""
         self.identity = None
@@ -893,8 +910,9 @@ class WireTests(SynchronousTestCase):
         csr, body = self.csr_body()
         bad = b"MIIB" + b"Q" * 200 + b"!"
         with capturedLogs() as events:
-            self.channel.dataReceived(self.post_head(b"%d" % len(body)) + body)
+            # The refused one first: a delivered certificate closes the connection.
             self.channel.dataReceived(self.post_head(b"%d" % len(bad)) + bad)
+            self.channel.dataReceived(self.post_head(b"%d" % len(body)) + body)
         self.assertEqual(len(estd_events(events)), 2)
         pki = demo_pki()
         secrets = [body, body[20:60], bad[:40], csr[10:40]]
