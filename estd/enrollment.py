@@ -96,31 +96,6 @@ def enroll(
     is recorded durably before this returns; if it cannot be, nothing is
     returned (503) and the certificate never leaves the server.
     """
-    try:
-        return _enroll(settings, request, now, ledger)
-    except LedgerUnavailable:
-        raise _ledger_unavailable() from None
-
-
-def _ledger_unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "the issuance ledger is unavailable; retry later", LEDGER_RETRY_AFTER
-    )
-
-
-LEDGER_RETRY_AFTER = 30
-"""Seconds a client is asked to wait while the ledger's database is away."""
-
-SERIAL_ATTEMPTS = 5
-"""Serials are 127 random bits: a second collision means something is wrong."""
-
-
-def _enroll(
-    settings: LabelConfig,
-    request: EnrollmentRequest,
-    now: datetime.datetime,
-    ledger: Ledger | None,
-) -> Enrollment:
     reenrolling = request.operation is Operation.SIMPLEREENROLL
     # Refuse an unknown client before parsing anything it sent.
     requester = authenticate(
@@ -141,9 +116,19 @@ def _enroll(
         error.user = requester.user
         raise
     except LedgerUnavailable:
-        unavailable = _ledger_unavailable()
+        # Only _decide uses the ledger: its outage is a 503 here.
+        unavailable = ServiceUnavailable(
+            "the issuance ledger is unavailable; retry later", LEDGER_RETRY_AFTER
+        )
         unavailable.user = requester.user
         raise unavailable from None
+
+
+LEDGER_RETRY_AFTER = 30
+"""Seconds a client is asked to wait while the ledger's database is away."""
+
+SERIAL_ATTEMPTS = 5
+"""Serials are 127 random bits: a second collision means something is wrong."""
 
 
 def _decide(

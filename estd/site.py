@@ -51,7 +51,7 @@ class EstRequest(server.Request):
     est_client: ClientIdentity | None = None
     est_issued: Enrollment | None = None
     est_user: str | None = None
-    """The authenticated Basic user of a request answered with an error."""
+    """The authenticated HTTP Basic user, once known (issued or refused)."""
     est_client_gone = False
     _body_refused = False
     _body_seen = 0
@@ -408,8 +408,6 @@ class EstSite(server.Site):
             serial = fields["client_serial"] = client.serial_hex
             parts.append(f' client="{subject}" client_serial={serial}')
         user = request.est_user
-        if request.est_issued is not None:
-            user = request.est_issued.requester.user
         if user is not None:
             fields["user"] = user
             # A users file may hold names no terminal should print as they are.

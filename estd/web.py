@@ -375,6 +375,7 @@ class EnrollResource(EstResource):
         # exits).  Refusals keep it open: a client answers a 401 challenge
         # on the same connection, whose tls-unique its CSR may carry.
         request.est_issued = enrollment
+        request.est_user = enrollment.requester.user
         if enrollment.content_type is not None:
             # /serverkeygen: each part carries its own transfer encoding.
             return EstResponse(

@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +21,11 @@ from typing import TypeVar
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# One copy of these for the bench and the tests: the bench's (re-exported).
+from bench.server import free_port as free_port
+from bench.server import server_env as server_env
+from bench.server import twistd_command as twistd_command
+
 EST_PATH = "/.well-known/est"
 START_TIMEOUT = 15.0
 """Seconds a server may take to listen; generous for loaded CI machines."""
@@ -32,36 +34,6 @@ T = TypeVar("T")
 
 
 # --- Processes and polling ------------------------------------------------------------
-
-
-def server_env() -> dict[str, str]:
-    """The environment for estd processes: this checkout first on PYTHONPATH."""
-    env = dict(os.environ)
-    parts = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(parts)
-    return env
-
-
-def twistd_command() -> list[str]:
-    """The ``twistd`` entry point of the interpreter running the tests."""
-    script = Path(sys.executable).with_name("twistd")
-    if script.exists():
-        return [str(script)]
-    # ``python -m twisted`` is ``twist``, not ``twistd``; call twistd's main.
-    return [
-        sys.executable,
-        "-c",
-        "import sys; sys.argv[0] = 'twistd';"
-        " from twisted.scripts.twistd import run; run()",
-    ]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def poll(

@@ -12,6 +12,18 @@ from estd.workers import child_options
 from tests.e2e_support import server_env
 
 
+def run_script(script: str, *args: str) -> str:
+    """Run ``script`` in a fresh interpreter (its pinning stays there); its stdout."""
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return completed.stdout
+
+
 def test_workers_take_the_allowed_cpus_in_turn() -> None:
     """Worker N gets the Nth allowed CPU, wrapping when there are more workers."""
     cpus = [2, 3, 6]
@@ -49,14 +61,7 @@ print(json.dumps({"pinned": pinned, "masks": masks}))
 def test_pin_process_covers_every_thread_and_later_ones() -> None:
     """A thread started before pinning and one started after both run on the CPU."""
     cpu = allowed_cpus()[-1]
-    completed = subprocess.run(
-        [sys.executable, "-c", PIN_SCRIPT, str(cpu)],
-        env=server_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    outcome = json.loads(completed.stdout)
+    outcome = json.loads(run_script(PIN_SCRIPT, str(cpu)))
     assert outcome["pinned"] is True
     assert len(outcome["masks"]) == 3  # main, the thread before, the thread after
     assert all(mask == [cpu] for mask in outcome["masks"].values())
@@ -65,21 +70,13 @@ def test_pin_process_covers_every_thread_and_later_ones() -> None:
 def test_pin_process_refused_serves_unpinned() -> None:
     """A CPU the kernel refuses gives a warning and False, not a crash."""
     impossible = max(allowed_cpus()) + 4096
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import os, sys; from estd.affinity import pin_process;"
-            " print(pin_process(int(sys.argv[1])), sorted(os.sched_getaffinity(0)))",
-            str(impossible),
-        ],
-        env=server_env(),
-        capture_output=True,
-        text=True,
-        check=True,
+    output = run_script(
+        "import os, sys; from estd.affinity import pin_process;"
+        " print(pin_process(int(sys.argv[1])), sorted(os.sched_getaffinity(0)))",
+        str(impossible),
     )
-    assert completed.stdout.split(" ", 1)[0] == "False"
-    assert completed.stdout.split(" ", 1)[1].strip() == str(allowed_cpus())
+    assert output.split(" ", 1)[0] == "False"
+    assert output.split(" ", 1)[1].strip() == str(allowed_cpus())
 
 
 PARTIAL_SCRIPT = """
@@ -111,14 +108,7 @@ print(json.dumps({"pinned": pinned, "before": before, "after": after}))
 def test_a_refusal_part_way_puts_pinned_threads_back() -> None:
     """If the kernel refuses the second thread, the first gets its CPUs back."""
     cpu = allowed_cpus()[0]
-    completed = subprocess.run(
-        [sys.executable, "-c", PARTIAL_SCRIPT, str(cpu)],
-        env=server_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    outcome = json.loads(completed.stdout)
+    outcome = json.loads(run_script(PARTIAL_SCRIPT, str(cpu)))
     assert outcome["pinned"] is False
     assert outcome["after"] == outcome["before"]
     assert len(outcome["before"]) == 2

@@ -29,8 +29,8 @@ from bench.driver import (
     write_results,
 )
 from bench.loadgen import FIOCONFIG_AGENT, Worker, WorkerSpec
-from bench.server import GO_CA_KEY, GO_LABEL, Server, write_sec1_key
-from tests.test_bench_smoke import REPO_ROOT, checkout_env
+from bench.server import GO_CA_KEY, GO_LABEL, Server, server_env, write_sec1_key
+from tests.test_bench_smoke import REPO_ROOT
 
 
 def result(server: str, case: str, cpu: float, round_number: int = 1) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def test_rounds_interleave_the_servers(tmp_path: Path) -> None:
             str(tmp_path),
         ],
         cwd=REPO_ROOT,
-        env=checkout_env(),
+        env=server_env(),
         capture_output=True,
         text=True,
         timeout=300,

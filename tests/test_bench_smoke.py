@@ -8,7 +8,6 @@ and that the report carries its fields, never how fast anything was.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.server import server_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CASE_FIELDS = {
@@ -47,14 +48,6 @@ MACHINE_FIELDS = {
 }
 
 
-def checkout_env() -> dict[str, str]:
-    """The environment with this checkout first on PYTHONPATH (for bench and twistd)."""
-    env = dict(os.environ)
-    parts = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(parts)
-    return env
-
-
 @dataclass(frozen=True)
 class SmokeRun:
     """The outcome of one ``python -m bench.driver --smoke``."""
@@ -78,7 +71,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
             str(results),
         ],
         cwd=REPO_ROOT,
-        env=checkout_env(),
+        env=server_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
